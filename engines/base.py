@@ -1,0 +1,128 @@
+"""The engine contract: the cascade stages every engine implements.
+
+The scheduler (``realtime.scheduler``) drives any engine through the same
+stages, so it never cares which engine runs:
+
+1. ``prepare(avatar)``: analyse the reference image once and cache the result.
+2. ``keyframes(prepared, shots, times)``: blueprint keyframes for a window.
+3. ``subclip(prepared, first, last, audio, shot)``: frames from one keyframe
+   to the next, synced to the audio of that interval. The returned frames are
+   at ``first.pts + k / fps`` for ``k = 0 .. n`` where ``last.pts = first.pts
+   + n / fps``: both ends included, and frame 0 and frame n must match the
+   keyframes, so consecutive sub-clips join exactly.
+4. ``upscale(frames)``: optional super-resolution.
+
+Frames are RGB ``uint8`` arrays of shape ``(height, width, 3)``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engines.storyline import Shot
+
+AUDIO_RATE = 16_000
+"""Sample rate of the audio handed to engines (mono float32 in [-1, 1])."""
+
+
+@dataclass(slots=True)
+class Avatar:
+    """A reference portrait as stored by the avatars API."""
+
+    id: str
+    image: np.ndarray  # RGB uint8, H x W x 3
+
+
+@dataclass(slots=True)
+class PhonemeEvent:
+    """One phoneme with its exact timing (from TTS alignments), session seconds."""
+
+    phoneme: str
+    start: float
+    end: float
+
+
+@dataclass(slots=True)
+class AudioSlice:
+    """The audio an engine needs for one sub-clip.
+
+    ``samples[0]`` is at pts ``start``; the slice covers at least
+    ``[first.pts - context, last.pts]`` so engines can use causal windows.
+    """
+
+    start: float
+    samples: np.ndarray  # float32 mono at AUDIO_RATE
+    phonemes: list[PhonemeEvent] = field(default_factory=list)
+    voiced: np.ndarray | None = None  # per-10-ms voice-activity probability, if known
+
+    @property
+    def end(self) -> float:
+        return self.start + len(self.samples) / AUDIO_RATE
+
+    def window(self, t0: float, t1: float) -> np.ndarray:
+        """Samples between two pts (clipped to the slice; zeros outside)."""
+        n = max(0, round((t1 - t0) * AUDIO_RATE))
+        out = np.zeros(n, dtype=np.float32)
+        i0 = round((t0 - self.start) * AUDIO_RATE)
+        lo, hi = max(i0, 0), min(i0 + n, len(self.samples))
+        if hi > lo:
+            out[lo - i0 : hi - i0] = self.samples[lo:hi]
+        return out
+
+
+@dataclass(slots=True)
+class Keyframe:
+    """A blueprint keyframe at ``pts``: engine-specific state plus its image."""
+
+    pts: float
+    state: Any
+    image: np.ndarray | None = None
+
+
+class Engine(abc.ABC):
+    """Base class of all engines (see the module docstring for the contract)."""
+
+    name: str = "engine"
+
+    def __init__(self, *, fps: int = 25, size: tuple[int, int] = (512, 512)) -> None:
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.fps = fps
+        self.size = size  # (width, height)
+
+    @abc.abstractmethod
+    def prepare(self, avatar: Avatar) -> Any:
+        """Analyse the reference image once; raise ``ValueError`` if unusable."""
+
+    @abc.abstractmethod
+    def keyframes(self, prepared: Any, shots: Sequence[Shot], times: Sequence[float]) -> list[Keyframe]:
+        """Blueprint keyframes at ``times`` following the planned ``shots``."""
+
+    @abc.abstractmethod
+    def subclip(
+        self, prepared: Any, first: Keyframe, last: Keyframe, audio: AudioSlice, shot: Shot
+    ) -> list[np.ndarray]:
+        """Frames from ``first`` to ``last`` inclusive, synced to ``audio``."""
+
+    def upscale(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        """Super-resolution; the identity unless an engine has an SR stage."""
+        return frames
+
+    def banner(self) -> str | None:
+        """Text the stream must show on screen (e.g. random weights), if any."""
+        return None
+
+    def frames_between(self, first: Keyframe, last: Keyframe) -> int:
+        """How many frame intervals lie between two keyframes (``n`` above)."""
+        n = round((last.pts - first.pts) * self.fps)
+        if n < 1 or abs(first.pts + n / self.fps - last.pts) > 1e-6:
+            raise ValueError(
+                f"keyframes at {first.pts} and {last.pts} are not a whole number (>=1) "
+                f"of frames apart at {self.fps} fps"
+            )
+        return n

@@ -1,0 +1,61 @@
+"""The director protocol the live loop calls, one rolling window at a time."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engines.storyline import Shot, Window, default_shot
+
+
+@dataclass(slots=True)
+class PlanRequest:
+    """What the director knows when it plans the window ``[start, end)``.
+
+    ``audio`` is 16 kHz mono float32 for the window as far as it has arrived
+    (the whole window for Say text and uploads, maybe nothing for live
+    microphone audio planned ahead). ``text`` is the Say text that the window
+    speaks, when the speech came from text. ``instructions`` are the host's
+    standing instructions, oldest first. ``history`` is the storyline so far.
+    """
+
+    session_id: str
+    start: float
+    end: float
+    audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    text: str | None = None
+    instructions: list[str] = field(default_factory=list)
+    history: list[Window] = field(default_factory=list)
+    avatar_image: np.ndarray | None = None  # RGB uint8 reference portrait
+    avatar_id: str = ""
+
+
+class Director(abc.ABC):
+    """Plans one window of shots. Implementations must not block the event loop."""
+
+    name = "director"
+
+    @abc.abstractmethod
+    async def plan_window(self, request: PlanRequest) -> Window:
+        """Return the plan for ``[request.start, request.end)``."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (HTTP sessions, model handles)."""
+
+
+class StaticDirector(Director):
+    """A director that always plans one neutral shot per window."""
+
+    name = "static"
+
+    def __init__(self, shot: Shot | None = None) -> None:
+        self._shot = shot
+
+    async def plan_window(self, request: PlanRequest) -> Window:
+        if self._shot is None:
+            shot = default_shot(request.start, request.end)
+        else:
+            shot = self._shot.model_copy(update={"start": request.start, "end": request.end})
+        return Window(start=request.start, end=request.end, shots=[shot])

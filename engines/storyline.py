@@ -1,0 +1,116 @@
+"""The storyline: the director's plan that every engine reads.
+
+A storyline is a sequence of rolling windows; a window holds shots; a shot
+says how the avatar should look and move between two pts (seconds on the
+session clock). Engines read shots; the director writes them.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class EmotionLabel(str, Enum):
+    neutral = "neutral"
+    happy = "happy"
+    sad = "sad"
+    angry = "angry"
+    surprised = "surprised"
+    fearful = "fearful"
+    disgusted = "disgusted"
+    thoughtful = "thoughtful"
+
+
+class Emotion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: EmotionLabel = EmotionLabel.neutral
+    intensity: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class Expression(BaseModel):
+    """Continuous expression controls, each in [-1, 1] or [0, 1]."""
+
+    model_config = ConfigDict(extra="forbid")
+    smile: float = Field(0.0, ge=-1.0, le=1.0, description="mouth corners: -1 down, +1 up")
+    brow_raise: float = Field(0.0, ge=0.0, le=1.0)
+    brow_frown: float = Field(0.0, ge=0.0, le=1.0)
+    eye_openness: float = Field(1.0, ge=0.3, le=1.3, description="1 is the photo's own")
+
+
+class GestureKind(str, Enum):
+    nod = "nod"
+    shake = "shake"
+    tilt = "tilt"
+    lean = "lean"
+
+
+class Gesture(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: GestureKind
+    at: float = Field(description="start pts, seconds on the session clock")
+    duration: float = Field(0.8, gt=0.0, le=5.0)
+    strength: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class GazeTarget(str, Enum):
+    camera = "camera"
+    away = "away"
+    down = "down"
+
+
+class Framing(str, Enum):
+    close_up = "close_up"
+    medium = "medium"
+    wide = "wide"
+
+
+class Shot(BaseModel):
+    """One planned shot between ``start`` and ``end`` (session-clock seconds)."""
+
+    model_config = ConfigDict(extra="forbid")
+    start: float = Field(ge=0.0)
+    end: float = Field(ge=0.0)
+    emotion: Emotion = Field(default_factory=Emotion)
+    expression: Expression = Field(default_factory=Expression)
+    gestures: list[Gesture] = Field(default_factory=list)
+    gaze: GazeTarget = GazeTarget.camera
+    head_motion: float = Field(0.5, ge=0.0, le=1.0, description="head-motion energy")
+    framing: Framing = Framing.close_up
+    prompt: str = Field("", max_length=2000)
+    negative_prompt: str = Field("", max_length=2000)
+    rationale: str = Field("", max_length=500)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Shot:
+        if self.end < self.start:
+            raise ValueError(f"shot end {self.end} is before its start {self.start}")
+        return self
+
+    def covers(self, t: float) -> bool:
+        return self.start <= t < self.end
+
+
+class Window(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    start: float = Field(ge=0.0)
+    end: float = Field(ge=0.0)
+    shots: list[Shot] = Field(default_factory=list)
+
+
+class Storyline(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    windows: list[Window] = Field(default_factory=list)
+
+    def shot_at(self, t: float) -> Shot | None:
+        for window in reversed(self.windows):
+            for shot in window.shots:
+                if shot.covers(t):
+                    return shot
+        return None
+
+
+def default_shot(start: float, end: float) -> Shot:
+    """The plan used where the director has not planned (neutral, gentle motion)."""
+    return Shot(start=start, end=end, rationale="default: no plan for this time")
