@@ -6,7 +6,6 @@ import asyncio
 import io
 import json
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -128,19 +127,15 @@ async def test_bad_control_messages_get_errors_and_the_session_goes_on(server: R
                     json.dumps({"type": "instruct", "text": "\x00\x01"}),
                     "{" * 70000]:
             peer.send(bad)
-        deadline = time.monotonic() + 5
-        while len(peer.messages("error")) < 7 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await peer.wait_until(lambda: len(peer.messages("error")) >= 7, 5, "seven errors")
         errors = [m["message"] for m in peer.messages("error")]
         assert len(errors) == 7, errors
         assert any("not valid JSON" in e for e in errors)
         assert any("unknown message type" in e for e in errors)
         assert any("limit is 600" in e for e in errors)
         n = len(peer.got.video_times)
-        deadline = time.monotonic() + 3
-        while len(peer.got.video_times) < n + 10 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert len(peer.got.video_times) >= n + 10  # video keeps flowing
+        # video keeps flowing
+        await peer.wait_until(lambda: len(peer.got.video_times) >= n + 10, 3, "more video")
     finally:
         await peer.close()
 
@@ -183,18 +178,20 @@ async def test_a_peer_that_vanishes_is_cleaned_up(server: RunningServer) -> None
             await asyncio.Event().wait()
         asyncio.run(main())
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script,
+                                                stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
         assert line.strip() == b"connected"
         assert await live_sessions(server.url) == 1
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+        await asyncio.wait_for(proc.wait(), 10)
         await until(lambda: _zero(server.url), 15, "the vanished peer's session to close")
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
+            await proc.wait()
     # and the server still serves
     peer = AvatarPeer(server.url, keep_frames=False)
     try:

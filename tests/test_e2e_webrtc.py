@@ -6,7 +6,6 @@ voice that comes back, a closed mouth in silence, Say and Interrupt.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import numpy as np
@@ -18,15 +17,6 @@ from tests.conftest import RunningServer
 from tests.helpers import envelope, speech
 
 pytestmark = pytest.mark.slow
-
-
-async def until(cond: object, within: float, what: str) -> None:
-    """Bounded wait for a condition, checked every 50 ms."""
-    deadline = time.monotonic() + within
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def openings(peer: AvatarPeer) -> tuple[np.ndarray, np.ndarray]:
@@ -59,8 +49,10 @@ async def test_speech_round_trip_lips_follow_the_voice(server: RunningServer) ->
         await peer.connect()
         await peer.wait_open()
         duration = len(audio) / RATE
-        await until(lambda: peer.first_frame_at is not None, 5, "the first frame")
-        await asyncio.sleep(duration + 0.5)
+        await peer.wait_until(lambda: peer.first_frame_at is not None, 5, "the first frame")
+        chunks = int(duration / 0.02)  # until all our audio has been sent, and a bit more
+        await peer.wait_until(lambda: len(peer.mic.sent_at) >= chunks + 25, duration + 10,
+                              "the speech to be sent")
     finally:
         await peer.close()
     assert peer.answered_at is not None and peer.first_frame_at is not None
@@ -103,7 +95,7 @@ async def test_say_speaks_and_interrupt_cuts_it_off(server: RunningServer) -> No
     try:
         await peer.connect()
         await peer.wait_open()
-        await until(lambda: len(peer.got.audio) > 25, 5, "returned audio")
+        await peer.wait_until(lambda: len(peer.got.audio) > 25, 5, "returned audio")
         peer.send({"type": "say", "text": "This is a long sentence that the avatar says out loud, "
                                           "and it goes on for quite a while so we can cut it."})
         said_at = time.perf_counter()
@@ -111,14 +103,14 @@ async def test_say_speaks_and_interrupt_cuts_it_off(server: RunningServer) -> No
         def loud_since(t0: float) -> bool:
             return any(a > t0 and np.abs(x).max() > 3000 for a, x in peer.got.audio)
 
-        await until(lambda: loud_since(said_at), 3, "the avatar's voice")
+        await peer.wait_until(lambda: loud_since(said_at), 3, "the avatar's voice")
         speaking_at = min(a for a, x in peer.got.audio if a > said_at and np.abs(x).max() > 3000)
         assert speaking_at - said_at < 1.5
-        await asyncio.sleep(1.0)
+        await peer.wait_until(lambda: time.perf_counter() > speaking_at + 1.0, 3, "1 s of speech")
         peer.send({"type": "interrupt"})
         cut_at = time.perf_counter()
-        await until(lambda: peer.messages("ack"), 2, "the interrupt ack")
-        await asyncio.sleep(1.0)
+        await peer.wait_until(lambda: bool(peer.messages("ack")), 2, "the interrupt ack")
+        await peer.wait_until(lambda: peer.got.audio[-1][0] > cut_at + 1.0, 3, "1 s more audio")
         after = [x for a, x in peer.got.audio if a > cut_at + 0.35]
         assert after and max(np.abs(x).max() for x in after) < 200, "speech went on after Interrupt"
     finally:
