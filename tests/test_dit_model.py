@@ -27,15 +27,29 @@ def _one_thread() -> Iterator[None]:
 def tiny_backbone(in_channels: int = 2 * Z + MASK) -> WanTransformer3DModel:
     torch.manual_seed(0)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=in_channels,
-        out_channels=Z, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=in_channels,
+        out_channels=Z,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
     ).eval()
 
 
 def tiny_adapter(trained: bool = True) -> AudioAdapter:
     torch.manual_seed(1)
-    adapter = AudioAdapter(dim=16, num_heads=2, num_layers=2, audio_dim=6, audio_window=3,
-                           mask_block=1, max_characters=2).eval()
+    adapter = AudioAdapter(
+        dim=16,
+        num_heads=2,
+        num_layers=2,
+        audio_dim=6,
+        audio_window=3,
+        mask_block=1,
+        max_characters=2,
+    ).eval()
     if trained:  # stand-in for loaded weights: zero-initialised projections made non-zero
         gen = torch.Generator().manual_seed(2)
         for block in adapter.blocks:
@@ -134,11 +148,13 @@ def test_mask_head_predicts_one_mask_per_character_and_explicit_masks_override()
     explicit = AudioCondition(audio.tokens, torch.ones(1, 2, 3, 4, 4))
     with_explicit = sample(dit, noise, cond, inp["text"], cfg, audio=explicit).latents
     dit.adapter.mask_head.out.bias.data += 3.0
-    assert not torch.equal(sample(dit, noise, cond, inp["text"], cfg, audio=audio).latents,
-                           predicted.latents)
+    assert not torch.equal(
+        sample(dit, noise, cond, inp["text"], cfg, audio=audio).latents, predicted.latents
+    )
     # explicit masks override: the head no longer matters
-    assert torch.equal(sample(dit, noise, cond, inp["text"], cfg, audio=explicit).latents,
-                       with_explicit)
+    assert torch.equal(
+        sample(dit, noise, cond, inp["text"], cfg, audio=explicit).latents, with_explicit
+    )
 
 
 def test_shifted_sigmas() -> None:

@@ -117,9 +117,10 @@ def _place(model: M, dtype: torch.dtype, device: str) -> M:
     # nn.Module.to: diffusers' override warns on casts, and we keep fp32 modules below
     torch.nn.Module.to(model, device=device, dtype=dtype)
     if dtype != torch.float32 and keep:
-        for name, module in model.named_modules():
-            if any(k in name.split(".") for k in keep):
-                torch.nn.Module.to(module, torch.float32)
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+        for name, tensor in tensors:
+            if tensor.is_floating_point() and any(k in name.split(".") for k in keep):
+                tensor.data = tensor.data.float()
     return model.eval().requires_grad_(False)
 
 

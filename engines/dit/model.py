@@ -62,6 +62,11 @@ class AvatarDiT(nn.Module):
         return int(self.backbone.config.in_channels)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (some small modules stay in float32)."""
+        return self.backbone.patch_embedding.weight.dtype  # type: ignore[no-any-return]
+
+    @property
     def patch_size(self) -> tuple[int, int, int]:
         p = self.backbone.config.patch_size
         return int(p[0]), int(p[1]), int(p[2])

@@ -75,7 +75,7 @@ def sample(
     x = noise
     n_chars = audio.tokens.shape[1] if audio is not None else 0
     predict = audio is not None and audio.masks is None and n_chars > 1
-    dtype = next(model.parameters()).dtype
+    dtype = model.dtype
 
     def model_input(latents: torch.Tensor) -> torch.Tensor:
         inp = latents if condition is None else torch.cat([latents, condition], dim=1)
