@@ -120,6 +120,10 @@ class AudioAdapter(ModelMixin, ConfigMixin):
         )
         self.mask_head = MaskHead(dim, max_characters, eps)
 
+    def out_projections(self) -> list[nn.Linear]:
+        """Each block's output projection (zero until weights are loaded)."""
+        return [block.to_out for block in self.blocks if isinstance(block, AudioCrossAttention)]
+
     def project_audio(self, windows: torch.Tensor) -> torch.Tensor:
         """``(B, C, F, W, audio_dim)`` windowed features -> ``(B, C, F, W, dim)``."""
         if (
