@@ -203,3 +203,50 @@ def test_audio_encoders_give_50_hz_features(tmp_path: pathlib.Path) -> None:
     encoder = Wav2Vec2AudioEncoder(tmp_path / "audio_encoder")
     feats = encoder.features(samples)
     assert feats.shape == (FEATURE_RATE, 16) and encoder.dim == 16
+
+
+def test_flf2v_layout_backbones_with_clip_image_embeddings(tmp_path: pathlib.Path) -> None:
+    """Wan2.1 I2V/FLF2V checkpoints (image_dim, added K/V, FLF position embedding) run."""
+    import transformers
+
+    from engines.base import AUDIO_RATE, AudioSlice, Avatar
+    from engines.dit.model import AvatarDiT
+    from engines.storyline import default_shot
+
+    components = random_components("tiny", dtype=torch.float32, device="cpu", seed=0)
+    clip_tokens = 5  # 32x32 images in 16x16 patches, plus the class token
+    for stage, pos in (("blueprint", None), ("subclip", 2 * clip_tokens)):
+        old: AvatarDiT = getattr(components, stage)
+        torch.manual_seed(0)
+        backbone = WanTransformer3DModel(
+            **{k: v for k, v in old.backbone.config.items() if not k.startswith("_")}
+            | {"image_dim": 16, "added_kv_proj_dim": 16, "pos_embed_seq_len": pos}
+        ).eval()
+        setattr(components, stage, AvatarDiT(backbone, old.adapter))
+    save_components(components, tmp_path)
+    PrecomputedTextEmbeddings.save(
+        tmp_path / "prompt_embeds.safetensors", {"": torch.randn(512, 16)}
+    )
+    with pytest.raises(ValueError, match="image_encoder/"):
+        build_dit_engine(tmp_path, dtype="fp32")
+    torch.manual_seed(0)
+    clip = transformers.CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+    )
+    transformers.CLIPVisionModel(clip).save_pretrained(tmp_path / "image_encoder")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(
+        tmp_path / "image_processor"
+    )
+    engine = build_dit_engine(tmp_path, dtype="fp32")
+    prepared = engine.prepare(Avatar("a", np.full((64, 64, 3), 120, np.uint8)))
+    keys = engine.keyframes(prepared, [default_shot(0, 1)], [0.0, 0.16])
+    audio = AudioSlice(start=0.0, samples=np.zeros(AUDIO_RATE, np.float32))
+    frames = engine.subclip(prepared, keys[0], keys[1], audio, default_shot(0, 1))
+    assert len(frames) == 5 and frames[2].shape == (64, 64, 3)
+    embeds = engine.image_embeds_for(engine.parts.subclip, [keys[0].image, keys[1].image])
+    assert embeds is not None and embeds.shape == (2, clip_tokens, 16)  # first and last image

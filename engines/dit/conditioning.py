@@ -302,3 +302,35 @@ def audio_span(centres: np.ndarray, window: int) -> tuple[float, float]:
     half = (window // 2 + 1) / FEATURE_RATE
     t0 = math.floor((float(centres[0]) - half) * FEATURE_RATE) / FEATURE_RATE
     return t0, float(centres[-1]) + half
+
+
+class ClipImageEncoder:
+    """CLIP vision features (penultimate hidden states) from local folders.
+
+    Wan2.1 image-to-video and first-last-frame checkpoints (``image_dim`` set)
+    cross-attend to these next to the text, as in diffusers' Wan I2V pipeline.
+    """
+
+    def __init__(
+        self, encoder_dir: pathlib.Path, processor_dir: pathlib.Path | None = None, *, device: str
+    ) -> None:
+        import transformers
+
+        if not (encoder_dir / "config.json").is_file():
+            raise ValueError(f"image encoder folder {encoder_dir} has no config.json")
+        self.model = transformers.CLIPVisionModel.from_pretrained(
+            encoder_dir, local_files_only=True
+        )
+        torch.nn.Module.to(self.model, device).eval()
+        self.processor = transformers.CLIPImageProcessor.from_pretrained(
+            processor_dir or encoder_dir, local_files_only=True
+        )
+        self.device = device
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """``(len(images), tokens, dim)`` for RGB uint8 images."""
+        pixels = self.processor(images=list(images), return_tensors="pt").pixel_values
+        out = self.model(pixel_values=pixels.to(self.device), output_hidden_states=True)
+        return out.hidden_states[-2].float()

@@ -27,11 +27,15 @@ import torch.nn.functional as F
 from engines.base import AudioSlice, Avatar, Engine, Keyframe
 from engines.dit.conditioning import audio_span, latent_frame_centres, window_features
 from engines.dit.loading import DitComponents
+from engines.dit.model import AvatarDiT
 from engines.dit.sampler import SamplerConfig, sample
 from engines.dit.video import LatentCodec, fit_image, frames_to_video, video_to_frames
 from engines.storyline import Shot, default_shot
 
 logger = logging.getLogger(__name__)
+
+WAN_TEXT_TOKENS = 512
+"""Text context length that Wan's image cross-attention assumes (diffusers' WanAttnProcessor)."""
 
 RANDOM_WEIGHTS_BANNER = "RANDOM WEIGHTS - throughput test only, not a trained model"
 
@@ -118,11 +122,37 @@ class DitEngine(Engine):
         emb = self.parts.text.encode(unique)
         return emb.reshape(1, -1, emb.shape[-1]).to(self.device)
 
-    def _prompts(self, shots: Sequence[Shot]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _prompts(
+        self, dit: AvatarDiT, shots: Sequence[Shot]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positive (and, with CFG, negative) text of a stage for its shots.
+
+        Backbones with CLIP image attention (Wan I2V/FLF2V) split their context
+        at a fixed 512 text tokens, so they get the first shot's prompt alone.
+        """
+        if dit.backbone.config.added_kv_proj_dim is not None:
+            shots = shots[:1]
         text = self._text([shot_prompt(s) for s in shots])
-        if self.sampler.guidance_scale == 1.0:
-            return text, None
-        return text, self._text([s.negative_prompt for s in shots])
+        negative = None
+        if self.sampler.guidance_scale != 1.0:
+            negative = self._text([s.negative_prompt for s in shots])
+        if dit.backbone.config.added_kv_proj_dim is not None and text.shape[1] != WAN_TEXT_TOKENS:
+            raise ValueError(
+                f"this backbone needs {WAN_TEXT_TOKENS}-token text embeddings (Wan's text "
+                f"context), got {text.shape[1]}: set text_max_length to {WAN_TEXT_TOKENS}"
+            )
+        return text, negative
+
+    def image_embeds_for(self, dit: AvatarDiT, images: Sequence[np.ndarray]) -> torch.Tensor | None:
+        """CLIP embeddings for backbones with ``image_dim`` (first, or first and last image)."""
+        cfg = dit.backbone.config
+        if cfg.image_dim is None:
+            return None
+        if self.parts.image is None:
+            raise ValueError("this backbone needs image_encoder/ (CLIP) in the weights folder")
+        pair = cfg.pos_embed_seq_len is not None  # FLF2V: first and last image side by side
+        chosen = [images[0], images[-1]] if pair else [images[0]]
+        return self.parts.image.encode(chosen).to(self.device, dit.dtype)
 
     def _keyframe_image(self, key: Keyframe) -> np.ndarray:
         if key.image is None:
@@ -148,7 +178,7 @@ class DitEngine(Engine):
         plan = [
             s if s is not None else default_shot(t, t) for s, t in zip(planned, times, strict=True)
         ]
-        text, negative = self._prompts(plan)
+        text, negative = self._prompts(self.parts.blueprint, plan)
         # 2. slot 0 holds the reference latent; slots 1..K are the keyframes
         condition = self.codec.slot_condition(prepared.latent.to(self.device), 1 + len(times))
         h, w = self.latent_hw
@@ -158,7 +188,13 @@ class DitEngine(Engine):
         )
         # 3. denoise and decode each keyframe latent as one image
         result = sample(
-            self.parts.blueprint, noise, condition, text, self.sampler, negative_text=negative
+            self.parts.blueprint,
+            noise,
+            condition,
+            text,
+            self.sampler,
+            negative_text=negative,
+            image_embeds=self.image_embeds_for(self.parts.blueprint, [prepared.image]),
         )
         latents = result.latents[:, :, 1:]
         images = self.codec.decode_images(latents)
@@ -228,7 +264,7 @@ class DitEngine(Engine):
             gates = grid[:, :, None].expand(1, len(audios), latent_frames, ph, pw).to(self.device)
         audio_cond = self.parts.subclip.project_audio(windows, gates)
         # 3. denoise
-        text, negative = self._prompts([shot])
+        text, negative = self._prompts(self.parts.subclip, [shot])
         h, w = self.latent_hw
         noise = self._noise(
             (1, self.codec.z_dim, latent_frames, h, w),
@@ -242,6 +278,7 @@ class DitEngine(Engine):
             self.sampler,
             negative_text=negative,
             audio=audio_cond,
+            image_embeds=self.image_embeds_for(self.parts.subclip, [first_img, last_img]),
         )
         # 4. decode, resample 1 + 4k frames to n + 1, and pin both ends to the keyframes
         decoded = video_to_frames(self.codec.decode(result.latents)[0])
@@ -273,5 +310,7 @@ class DitEngine(Engine):
         noise = self._noise(tuple(cond.shape), _seed(self.config.seed, "sr", len(frames)))
         text = self._text([""])
         config = SamplerConfig(self.config.sr_steps, self.sampler.shift, 1.0)
-        result = sample(sr, noise, cond, text, config)
+        result = sample(
+            sr, noise, cond, text, config, image_embeds=self.image_embeds_for(sr, [frames[0]])
+        )
         return video_to_frames(self.codec.decode(result.latents)[0])[: len(frames)]

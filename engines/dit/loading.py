@@ -11,6 +11,8 @@ Layout of a weights folder::
     text_encoder/ [+ tokenizer/]  a T5-style encoder (Wan: UMT5-XXL), or
     prompt_embeds.safetensors     precomputed prompt embeddings
     audio_encoder/                wav2vec2 folder (optional; else built-in mel features)
+    image_encoder/ [+ image_processor/]  CLIP vision model, for backbones with image_dim
+                                  (Wan2.1 I2V / FLF2V checkpoints)
 
 Each model folder is what diffusers' ``save_pretrained`` writes (``config.json``
 and ``diffusion_pytorch_model.safetensors``, or sharded with an index), so a
@@ -34,6 +36,7 @@ from safetensors.torch import load_file
 from engines.dit.adapter import AudioAdapter
 from engines.dit.conditioning import (
     AudioEncoder,
+    ClipImageEncoder,
     LocalTextEncoder,
     MelAudioEncoder,
     PrecomputedTextEmbeddings,
@@ -138,6 +141,7 @@ class DitComponents:
     sr: AvatarDiT | None
     text: TextEncoder
     audio: AudioEncoder
+    image: ClipImageEncoder | None = None
 
     def check(self) -> None:
         """Raise ``ValueError`` where parts do not fit together."""
@@ -159,11 +163,19 @@ class DitComponents:
                     f"{stage} backbone takes text_dim={cfg.text_dim} but the text "
                     f"embeddings have dim {self.text.dim}"
                 )
-            if cfg.image_dim is not None:
+            if cfg.image_dim is not None and self.image is None:
                 raise ValueError(
-                    f"{stage} backbone expects CLIP image embeddings (image_dim={cfg.image_dim}); "
-                    "this engine conditions on images through latent channels only: use a "
-                    "backbone without image_dim (Wan2.1 T2V layout with in_channels set per stage)"
+                    f"{stage} backbone expects CLIP image embeddings (image_dim={cfg.image_dim}): "
+                    "add image_encoder/ (CLIPVisionModel) and image_processor/ to the weights"
+                )
+            if (
+                cfg.image_dim is not None
+                and self.image is not None
+                and cfg.image_dim != self.image.dim
+            ):
+                raise ValueError(
+                    f"{stage} backbone takes image_dim={cfg.image_dim} but the image encoder "
+                    f"gives {self.image.dim}"
                 )
         adapter = self.subclip.adapter
         if adapter is None:
@@ -224,6 +236,12 @@ def load_components(folder: pathlib.Path, *, dtype: torch.dtype, device: str) ->
         if (folder / "audio_encoder").is_dir()
         else MelAudioEncoder()
     )
+    image = None
+    if (folder / "image_encoder").is_dir():
+        proc = folder / "image_processor"
+        image = ClipImageEncoder(
+            folder / "image_encoder", proc if proc.is_dir() else None, device=device
+        )
     components = DitComponents(
         config=config,
         vae=vae,
@@ -232,6 +250,7 @@ def load_components(folder: pathlib.Path, *, dtype: torch.dtype, device: str) ->
         sr=sr,
         text=text,
         audio=audio,
+        image=image,
     )
     components.check()
     return components
