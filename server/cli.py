@@ -1,0 +1,108 @@
+"""The ``avatar`` command: ``avatar serve ...`` (and ``avatar trt ...`` for engine builds)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("avatar")
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="start the avatar server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--engine", default="portrait", choices=["portrait", "dit"])
+    p.add_argument("--avatar", type=Path, help="portrait photo (JPEG/PNG) used by default")
+    p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
+                   help="gather ICE host candidates only on ADDR (repeatable)")
+    p.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                   help="STUN/TURN server URL (none by default)")
+    p.add_argument("--max-sessions", type=int, default=4)
+    p.add_argument("--max-upload-mb", type=float, default=10.0)
+    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--token", default=os.environ.get("AVATAR_TOKEN"),
+                   help="bearer token (required off loopback; generated if not given)")
+    p.add_argument("--delay-ms", type=float, default=130.0,
+                   help="playout delay: video latency, the voice is delayed to match")
+    p.add_argument("--subclip-frames", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1, help="parallel sub-clips per session")
+    p.add_argument("--render-threads", type=int, default=max(1, (os.cpu_count() or 2)))
+    p.add_argument("--director", default="static")
+    p.add_argument("--weights", type=Path, help="dit: local checkpoint folder")
+    p.add_argument("--random-weights", action="store_true",
+                   help="dit: random weights, for throughput tests only")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--consent-interval", type=float, default=2.0,
+                   help="seconds between ICE consent checks")
+    p.add_argument("--consent-failures", type=int, default=5,
+                   help="missed consent checks before a peer counts as gone")
+    p.add_argument("--log-level", default="INFO")
+
+
+def serve(args: argparse.Namespace) -> int:
+    import cv2
+
+    from engines.registry import create_engine
+    from server.app import AvatarServer, ServerConfig
+    from server.ice import restrict_host_candidates, set_consent_timers
+
+    cv2.setNumThreads(1)  # one core per render; parallelism comes from the worker pool
+    try:
+        engine = create_engine(args.engine, weights=args.weights,
+                               random_weights=args.random_weights, device=args.device,
+                               dtype=args.dtype)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    restrict_host_candidates(args.ice_host)
+    set_consent_timers(args.consent_interval, args.consent_failures)
+    config = ServerConfig(
+        host=args.host, port=args.port, engine=args.engine, avatar=args.avatar,
+        ice_hosts=args.ice_host, ice_servers=args.ice_server, max_sessions=args.max_sessions,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), data_dir=args.data_dir,
+        token=args.token, delay_ms=args.delay_ms, subclip_frames=args.subclip_frames,
+        workers=args.workers, render_threads=args.render_threads, director=args.director,
+    )
+    from server.directors import director_factory
+
+    try:
+        factory = director_factory(args.director)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    server = AvatarServer(config, engine, factory)
+    if config.token and config.requires_token():
+        sys.stderr.write(f"API token: {config.token}\n")
+    from aiohttp import web
+
+    log.info("serving on http://%s:%d (engine %s)", args.host, args.port, engine.name)
+    web.run_app(server.build_app(), host=args.host, port=args.port, print=None,
+                access_log=None)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="avatar", description="live avatar server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    sub.add_parser("trt", help="export, check, build, inspect and bench DiT engines",
+                   add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "trt":
+        from trt_build.cli import main as trt_main
+
+        return int(trt_main(argv[1:]) or 0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

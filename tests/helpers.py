@@ -1,0 +1,36 @@
+"""Test helpers: speech made in code (Piper), portraits, face measurements."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from scipy.signal import resample_poly
+
+from engines.base import AUDIO_RATE
+
+
+@functools.cache
+def speech(text: str = "Hello there. Welcome to the show, it is great to see you all today.",
+           rate: int = AUDIO_RATE) -> np.ndarray:
+    """Real speech for ``text`` from the packaged Piper voice, float32 mono at ``rate``."""
+    from realtime.tts import load_voice
+
+    voice = load_voice()
+    chunks = [c.audio_float_array for c in voice.synthesize(text)]
+    x = np.concatenate(chunks).astype(np.float32)
+    return resample_poly(x, rate, voice.config.sample_rate).astype(np.float32)
+
+
+def envelope(x: np.ndarray, rate: int, hop_s: float) -> np.ndarray:
+    """RMS per hop."""
+    hop = round(rate * hop_s)
+    n = len(x) // hop
+    return np.sqrt((x[: n * hop].astype(np.float64).reshape(n, hop) ** 2).mean(axis=1))
+
+
+@functools.cache
+def astronaut() -> np.ndarray:
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut())

@@ -1,0 +1,231 @@
+"""The cascade scheduler and playout, on a fake clock with engines whose work the test releases."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engines.base import AudioSlice, Engine, Keyframe
+from engines.storyline import Shot
+from realtime.clock import FakeClock
+from realtime.playout import Playout
+from realtime.scheduler import CascadeScheduler, SchedulerConfig
+from realtime.timeline import AudioTimeline
+from realtime.tracks import AvatarAudioTrack, AvatarVideoTrack
+
+
+class ManualExecutor(Executor):
+    """Runs submitted work only when the test says so: render time is under test control."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self.jobs.append((fn, args, fut))
+        return fut
+
+    def pending(self, kind: str) -> list[int]:
+        return [i for i, (fn, _, _) in enumerate(self.jobs) if kind in getattr(fn, "__name__", "")]
+
+    def run(self, index: int) -> None:
+        fn, args, fut = self.jobs.pop(index)
+        fut.set_result(fn(*args))
+
+    def run_all(self) -> None:
+        while self.jobs:
+            self.run(0)
+
+
+class CountingEngine(Engine):
+    """Frames whose pixels encode their pts; keyframes encode their own pts too."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        super().__init__(fps=25, size=(8, 8))
+
+    def prepare(self, avatar: Any) -> None:
+        return None
+
+    def keyframes(self, prepared: Any, shots: Sequence[Shot], times: Sequence[float]) -> list[Keyframe]:
+        return [Keyframe(pts=t, state=t, image=self.frame(t)) for t in times]
+
+    def frame(self, t: float) -> np.ndarray:
+        return np.full((8, 8, 3), round(t * 25) % 256, np.uint8)
+
+    def subclip(self, prepared: Any, first: Keyframe, last: Keyframe, audio: AudioSlice,
+                shot: Shot) -> list[np.ndarray]:
+        n = self.frames_between(first, last)
+        frames = [self.frame(first.pts + k / 25) for k in range(n + 1)]
+        frames[0], frames[-1] = first.image, last.image  # first-last-frame
+        return frames
+
+
+async def settle() -> None:
+    for _ in range(30):
+        await asyncio.sleep(0)
+
+
+def make(workers: int = 2, n: int = 2, delay: float = 0.2
+         ) -> tuple[CascadeScheduler, FakeClock, ManualExecutor, AudioTimeline, Playout]:
+    clock = FakeClock()
+    ex = ManualExecutor()
+    timeline = AudioTimeline(horizon_s=20)
+    playout = Playout(25, delay)
+    sched = CascadeScheduler(CountingEngine(), None, timeline, clock, playout,
+                             lambda a, b: [], ex, SchedulerConfig(subclip_frames=n, workers=workers))
+    return sched, clock, ex, timeline, playout
+
+
+def mic(timeline: AudioTimeline, t0: float, t1: float, arrived: float) -> None:
+    n = round((t1 - t0) * 16000)
+    timeline.write_mic(t0, np.zeros(n, np.float32), np.zeros(n * 3, np.int16), 0.0, arrived)
+
+
+async def test_subclips_wait_for_audio_then_render_in_parallel_in_order() -> None:
+    sched, clock, ex, timeline, playout = make(workers=2)
+    task = asyncio.ensure_future(sched.run())
+    try:
+        await settle()
+        ex.run_all()  # keyframes
+        await settle()
+        assert ex.pending("render") == []  # no audio yet, clock has not passed the grace
+        mic(timeline, 0.0, 0.16, arrived=0.16)
+        sched.notify()
+        await settle()
+        renders = ex.pending("render")
+        assert len(renders) == 2  # two sub-clips in flight at once: they overlap
+        ex.run(renders[1])  # the later clip finishes first...
+        await settle()
+        ex.run(ex.pending("render")[0])
+        await settle()
+        frames = [playout.take(k, np.zeros((8, 8, 3), np.uint8)) for k in range(4)]
+        assert all(fresh for _, fresh in frames)  # ...but playout keeps pts order
+        assert [int(f[0, 0, 0]) for f, _ in frames] == [0, 1, 2, 3]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_silence_renders_idle_after_the_grace_period() -> None:
+    sched, clock, ex, timeline, playout = make(workers=1)
+    task = asyncio.ensure_future(sched.run())
+    try:
+        await settle()
+        ex.run_all()
+        await clock.advance(0.08 + sched.config.grace_s + 0.001)
+        assert len(ex.pending("render")) == 1  # nobody talks: the clip renders anyway
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_known_audio_renders_ahead() -> None:
+    sched, clock, ex, timeline, playout = make(workers=1)
+    n = 16000
+    timeline.write_tts(0.0, np.zeros(n, np.float32), np.zeros(3 * n, np.int16), [], now=0.0)
+    task = asyncio.ensure_future(sched.run())
+    try:
+        for _ in range(30):
+            await settle()
+            ex.run_all()
+        await settle()
+        # every sub-clip that the second of TTS covers completely is rendered before its time
+        assert playout.buffered() == 24
+        assert clock.now() == 0.0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_invalidate_drops_stale_work_and_keeps_the_join() -> None:
+    sched, clock, ex, timeline, playout = make(workers=2)
+    n = 16000
+    timeline.write_tts(0.0, np.zeros(n, np.float32), np.zeros(3 * n, np.int16), [], now=0.0)
+    task = asyncio.ensure_future(sched.run())
+    try:
+        await settle()
+        ex.run_all()
+        await settle()
+        in_flight = ex.pending("render")
+        assert len(in_flight) == 2
+        cut = sched.invalidate(0.05)  # boundary at 0.08: clip 1 is stale, clip 0 is not
+        assert cut == pytest.approx(0.08)
+        assert 0 in sched.keyframes and 1 in sched.keyframes  # the join keyframe is kept
+        ex.run_all()
+        await settle()
+        assert sched.stats.clips_stale == 1
+        ex.run_all()
+        await settle()
+        ex.run_all()
+        await settle()
+        got = [playout.take(k, np.zeros((8, 8, 3), np.uint8)) for k in range(4)]
+        assert all(fresh for _, fresh in got)
+        assert [int(f[0, 0, 0]) for f, _ in got] == [0, 1, 2, 3]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_slow_worker_degrades_playout_without_av_drift() -> None:
+    sched, clock, ex, timeline, playout = make(workers=1, delay=0.12)
+    idle = np.zeros((8, 8, 3), np.uint8)
+    video = AvatarVideoTrack(playout, clock, timeline, idle)
+    audio = AvatarAudioTrack(timeline, clock, 0.12)
+    task = asyncio.ensure_future(sched.run())
+    sent_v: list[tuple[float, float]] = []
+    sent_a: list[tuple[float, float]] = []
+
+    async def pull_video() -> None:
+        while True:
+            f = await video.recv()
+            sent_v.append((clock.now(), float(f.pts * f.time_base)))
+
+    async def pull_audio() -> None:
+        while True:
+            f = await audio.recv()
+            sent_a.append((clock.now(), float(f.pts * f.time_base)))
+
+    pullers = [asyncio.ensure_future(pull_video()), asyncio.ensure_future(pull_audio())]
+    try:
+        for step in range(100):  # 2 s; one 80 ms sub-clip per 120 ms: slower than real time
+            if step % 6 == 0:
+                ex.run_all()
+            await clock.advance(0.02)
+        assert playout.stats.held > 5  # it degraded (held frames)...
+        assert sched.stats.clips_skipped > 0  # ...and shortened work to catch up
+        # ...but every frame and every audio packet left exactly at pts + delay: no drift
+        assert all(abs(t - pts - 0.12) < 1e-9 for t, pts in sent_v)
+        assert all(abs(t - pts - 0.12) < 1e-9 for t, pts in sent_a)
+        assert len(sent_v) >= 45
+    finally:
+        for t in [task, *pullers]:
+            t.cancel()
+        await asyncio.gather(task, *pullers, return_exceptions=True)
+
+
+def test_playout_holds_and_counts_late_frames() -> None:
+    p = Playout(25, 0.1)
+    idle = np.zeros((2, 2, 3), np.uint8)
+    one = np.ones((2, 2, 3), np.uint8)
+    assert p.put(0, one)
+    f, fresh = p.take(0, idle)
+    assert fresh and f is one
+    f, fresh = p.take(1, idle)  # nothing rendered for slot 1: hold the last frame
+    assert not fresh and f is one and p.stats.held == 1
+    assert not p.put(1, idle)  # too late for its slot
+    assert p.stats.late == 1
+    assert p.due_time(25) == pytest.approx(1.1)
+
+
+def test_scheduler_config_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="subclip_frames"):
+        SchedulerConfig(subclip_frames=0)
+    with pytest.raises(ValueError, match="workers"):
+        SchedulerConfig(workers=0)

@@ -1,0 +1,94 @@
+"""Audio timeline, ingest placement, voice activity and text checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engines.base import AUDIO_RATE, PhonemeEvent
+from realtime.clock import FakeClock
+from realtime.ingest import MicIngest
+from realtime.timeline import AudioTimeline
+from realtime.tts import MAX_SAY_CHARS, clean_text, synthesize
+from realtime.vad import VoiceActivity
+from tests.helpers import speech
+
+
+def chunk(value: float, seconds: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
+    n = round(seconds * AUDIO_RATE)
+    return np.full(n, value, np.float32), np.full(n * 3, int(value * 32767), np.int16)
+
+
+def test_mic_chunks_are_placed_by_arrival_and_stay_contiguous() -> None:
+    tl = AudioTimeline(horizon_s=10)
+    ing = MicIngest(tl, FakeClock(), lambda: None)
+    starts = []
+    for k, jitter in enumerate([0.0, 0.004, -0.003, 0.006, 0.0]):
+        ana, out = chunk(0.1)
+        starts.append(ing.push(ana, out, 0.9, arrived=0.5 + 0.02 * (k + 1) + jitter))
+    assert np.allclose(np.diff(starts), 0.02)  # contiguous despite jitter
+    # a burst (chunks arriving faster than real time) is clamped near the arrival time
+    for k in range(5):
+        ana, out = chunk(0.1)
+        last = ing.push(ana, out, 0.9, arrived=0.61 + 0.001 * k)
+    assert last <= 0.614 - 0.02 + 0.03 + 1e-9
+    # a stall longer than the resync limit restarts placement at the arrival time
+    ana, out = chunk(0.1)
+    late = ing.push(ana, out, 0.9, arrived=2.0)
+    assert late == pytest.approx(1.98)
+    assert tl.known(0.5, 0.6) and not tl.known(1.0, 2.1)
+
+
+def test_tts_owns_its_interval_and_interrupt_cuts_it() -> None:
+    tl = AudioTimeline(horizon_s=10)
+    n = AUDIO_RATE  # one second of TTS at 1.0
+    ph = [PhonemeEvent("a", 1.0, 1.5), PhonemeEvent("m", 1.5, 1.9)]
+    end = tl.write_tts(1.0, np.full(n, 0.5, np.float32), np.full(3 * n, 1000, np.int16), ph, now=0.9)
+    assert end == pytest.approx(2.0)
+    assert tl.known(1.0, 2.0) and tl.speaking_tts(1.5)
+    ana, out = chunk(0.9, seconds=0.5)
+    tl.write_mic(1.2, ana, out, 1.0, arrived=1.7)  # the mic does not talk over TTS
+    assert np.allclose(tl.slice(1.2, 1.7).samples, 0.5)
+    assert tl.cut_tts(1.6)
+    assert np.allclose(tl.slice(1.6, 2.0).samples, 0.0)
+    assert (tl.read_out(1.6, 4800) == 0).all() and (tl.read_out(1.5, 100) == 1000).all()
+    assert [p.phoneme for p in tl.slice(1.0, 2.0).phonemes] == ["a", "m"]
+    assert not tl.speaking_tts(1.7)
+
+
+def test_timeline_refuses_audio_beyond_its_horizon() -> None:
+    tl = AudioTimeline(horizon_s=5)
+    n = AUDIO_RATE * 6
+    with pytest.raises(ValueError, match="too far"):
+        tl.write_tts(0.0, np.zeros(n, np.float32), np.zeros(3 * n, np.int16), [], now=0.0)
+
+
+def test_voice_activity_tells_speech_from_noise_and_silence() -> None:
+    voice = speech("Good evening everyone, thanks for joining.")
+    probs = VoiceActivity().feed(voice)
+    noise = np.random.default_rng(0).normal(0, 0.05, AUDIO_RATE).astype(np.float32)
+    assert max(probs) > 0.9
+    assert max(VoiceActivity().feed(noise)) < 0.3
+    assert max(VoiceActivity().feed(np.zeros(AUDIO_RATE, np.float32))) < 0.1
+
+
+def test_tts_chunks_carry_audio_and_phoneme_timings() -> None:
+    chunks = list(synthesize("Hi. Bye now."))
+    assert chunks and all(c.ana.dtype == np.float32 and c.out.dtype == np.int16 for c in chunks)
+    for c in chunks:
+        assert len(c.out) == pytest.approx(3 * len(c.ana), abs=3)
+        assert c.phonemes[-1].end == pytest.approx(c.duration, abs=0.05)
+        assert any(p.phoneme in ("b", "h") for p in c.phonemes) or len(c.phonemes) > 2
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (None, "must be a string"), (42, "must be a string"), ("   \x00\x07 ", "empty"),
+    ("x" * (MAX_SAY_CHARS + 1), "limit"),
+])
+def test_clean_text_rejects_bad_input(bad: object, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        clean_text(bad)
+
+
+def test_clean_text_strips_control_characters() -> None:
+    assert clean_text("hello\x00 \x1b[31mworld\n") == "hello [31mworld"

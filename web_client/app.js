@@ -1,0 +1,252 @@
+// Host console: connects over WebRTC, sends the microphone and control
+// messages, plays the avatar, and shows live figures.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const viewer = location.pathname === "/viewer";
+
+// What tests (and curious hosts) can read: window.avatarClient
+const state = {
+  connected: false,
+  framesDecoded: 0,
+  receivedFps: 0,
+  videoTime: 0,
+  audioLevelDb: -120,
+  audioPeakDb: -120,
+  lastStats: null,
+  errors: [],
+  sessionUrl: null,
+};
+window.avatarClient = state;
+
+let pc = null;
+let dc = null;
+let micStream = null;
+let audioCtx = null;
+let statsTimer = null;
+
+function token() {
+  return $("token").value.trim() || params.get("token") || localStorage.getItem("avatarToken") || "";
+}
+
+function headers(extra = {}) {
+  const t = token();
+  return t ? { ...extra, Authorization: `Bearer ${t}` } : extra;
+}
+
+function showError(message) {
+  state.errors.push(message);
+  $("error").textContent = message;
+}
+
+function setStatus(text, cls = "") {
+  const el = $("status");
+  el.textContent = text;
+  el.className = `status ${cls}`;
+}
+
+async function api(path, options = {}) {
+  const res = await fetch(path, { ...options, headers: headers(options.headers || {}) });
+  if (!res.ok) {
+    let message = `${res.status} ${res.statusText}`;
+    try { message = (await res.json()).error || message; } catch (e) { /* not JSON */ }
+    throw new Error(message);
+  }
+  return res;
+}
+
+async function loadAvatars(select) {
+  try {
+    const data = await (await api("/v1/avatars")).json();
+    const sel = $("avatar");
+    sel.innerHTML = "";
+    for (const a of data.avatars) {
+      const opt = document.createElement("option");
+      opt.value = a.id;
+      opt.textContent = `${a.id} (${a.width}x${a.height})`;
+      sel.appendChild(opt);
+    }
+    sel.value = select || data.default;
+  } catch (e) {
+    showError(`avatars: ${e.message}`);
+  }
+}
+
+function waitForIce(peer) {
+  if (peer.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { if (peer.iceGatheringState === "complete") { peer.removeEventListener("icegatheringstatechange", done); resolve(); } };
+    peer.addEventListener("icegatheringstatechange", done);
+    setTimeout(resolve, 3000); // do not hang on a slow candidate
+  });
+}
+
+function watchAudio(stream) {
+  if (!stream.getAudioTracks().length) return;
+  audioCtx = new AudioContext();
+  const src = audioCtx.createMediaStreamSource(stream);
+  const analyser = audioCtx.createAnalyser();
+  analyser.fftSize = 2048;
+  src.connect(analyser);
+  const buf = new Float32Array(analyser.fftSize);
+  const tick = () => {
+    if (!audioCtx) return;
+    analyser.getFloatTimeDomainData(buf);
+    let sum = 0;
+    for (const v of buf) sum += v * v;
+    const db = 10 * Math.log10(sum / buf.length + 1e-12);
+    state.audioLevelDb = db;
+    state.audioPeakDb = Math.max(state.audioPeakDb, db);
+    setTimeout(tick, 50);
+  };
+  tick();
+}
+
+function watchVideo(video) {
+  let frames = 0;
+  let t0 = performance.now();
+  const onFrame = (now, meta) => {
+    state.framesDecoded += 1;
+    state.videoTime = video.currentTime;
+    frames += 1;
+    if (now - t0 >= 1000) {
+      state.receivedFps = (frames * 1000) / (now - t0);
+      $("fig-fps").textContent = state.receivedFps.toFixed(1);
+      frames = 0;
+      t0 = now;
+    }
+    if (pc) video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+}
+
+function onStats(s) {
+  state.lastStats = s;
+  $("fig-latency").textContent = s.latency_ms == null
+    ? `${s.pipeline_delay_ms} ms (delay)` : `${s.latency_ms.toFixed(0)} ms p95 (delay ${s.pipeline_delay_ms} ms)`;
+  $("fig-av").textContent = `${s.av_offset_ms.toFixed(1)} ms`;
+  $("fig-render").textContent = `${s.render_ms.toFixed(1)} ms / ${s.subclip_ms} ms sub-clip`;
+  $("fig-held").textContent = `${s.held_frames} / ${s.late_frames}`;
+  if (s.shot) {
+    const sh = s.shot;
+    const gestures = sh.gestures.map((g) => `${g.kind}@${g.at.toFixed(1)}s`).join(", ") || "none";
+    $("shot").textContent =
+      `emotion: ${sh.emotion.label} (${sh.emotion.intensity.toFixed(2)})\n` +
+      `gestures: ${gestures}\ngaze: ${sh.gaze}, head motion ${sh.head_motion.toFixed(2)}\n` +
+      `negative: ${sh.negative_prompt || "-"}\nwhy: ${sh.rationale || "-"}`;
+  }
+}
+
+async function start() {
+  $("start").disabled = true;
+  $("error").textContent = "";
+  setStatus("connecting");
+  try {
+    pc = new RTCPeerConnection({ iceServers: [] });
+    if ($("mic").checked && !viewer) {
+      try {
+        micStream = await navigator.mediaDevices.getUserMedia({
+          audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+        });
+      } catch (e) {
+        showError(`microphone unavailable (${e.message}); Say still works`);
+      }
+    }
+    const micTrack = micStream ? micStream.getAudioTracks()[0] : null;
+    if (micTrack) pc.addTransceiver(micTrack, { direction: "sendrecv", streams: [micStream] });
+    else pc.addTransceiver("audio", { direction: "sendrecv" });
+    pc.addTransceiver("video", { direction: "recvonly" });
+    dc = pc.createDataChannel("control");
+    dc.onmessage = (ev) => {
+      const msg = JSON.parse(ev.data);
+      if (msg.type === "stats") onStats(msg);
+      else if (msg.type === "error") showError(msg.message);
+    };
+    dc.onopen = () => { for (const b of ["say", "instruct", "interrupt"]) $(b).disabled = viewer; };
+    const remote = new MediaStream();
+    pc.ontrack = (ev) => {
+      remote.addTrack(ev.track);
+      const video = $("video");
+      video.srcObject = remote;
+      if (ev.track.kind === "audio") watchAudio(new MediaStream([ev.track]));
+      if (ev.track.kind === "video") watchVideo(video);
+      video.play().catch(() => { /* autoplay may wait for a gesture */ });
+    };
+    pc.onconnectionstatechange = () => {
+      if (pc.connectionState === "connected") { state.connected = true; setStatus("live", "live"); }
+      if (["failed", "disconnected"].includes(pc.connectionState)) setStatus(pc.connectionState, "error");
+    };
+    await pc.setLocalDescription(await pc.createOffer());
+    await waitForIce(pc);
+    const avatar = $("avatar").value;
+    const res = await api(`/v1/sessions${avatar ? `?avatar=${encodeURIComponent(avatar)}` : ""}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/sdp" },
+      body: pc.localDescription.sdp,
+    });
+    state.sessionUrl = res.headers.get("Location");
+    await pc.setRemoteDescription({ type: "answer", sdp: await res.text() });
+    $("stop").disabled = false;
+  } catch (e) {
+    showError(`start failed: ${e.message}`);
+    setStatus("error", "error");
+    await stop();
+  }
+}
+
+async function stop() {
+  if (state.sessionUrl) {
+    try { await api(state.sessionUrl, { method: "DELETE" }); } catch (e) { /* already gone */ }
+  }
+  state.sessionUrl = null;
+  state.connected = false;
+  if (statsTimer) clearInterval(statsTimer);
+  if (pc) pc.close();
+  pc = null;
+  dc = null;
+  if (micStream) micStream.getTracks().forEach((t) => t.stop());
+  micStream = null;
+  if (audioCtx) audioCtx.close();
+  audioCtx = null;
+  for (const b of ["stop", "say", "instruct", "interrupt"]) $(b).disabled = true;
+  $("start").disabled = false;
+  setStatus("idle");
+}
+
+function send(msg) {
+  if (dc && dc.readyState === "open") dc.send(JSON.stringify(msg));
+  else showError("not connected");
+}
+
+$("start").onclick = start;
+$("stop").onclick = stop;
+$("interrupt").onclick = () => send({ type: "interrupt" });
+$("say-form").onsubmit = (ev) => {
+  ev.preventDefault();
+  const text = $("say-text").value.trim();
+  if (text) send({ type: "say", text });
+};
+$("instruct-form").onsubmit = (ev) => {
+  ev.preventDefault();
+  const text = $("instruct-text").value.trim();
+  if (text) send({ type: "instruct", text });
+};
+$("token").onchange = () => { localStorage.setItem("avatarToken", $("token").value.trim()); loadAvatars(); };
+$("upload-form").onsubmit = async (ev) => {
+  ev.preventDefault();
+  const file = $("upload").files[0];
+  if (!file) return;
+  try {
+    const res = await api("/v1/avatars", { method: "POST", headers: { "Content-Type": file.type }, body: file });
+    const info = await res.json();
+    await loadAvatars(info.id);
+    $("error").textContent = `uploaded ${info.id}: used for the next Start`;
+  } catch (e) {
+    showError(`upload failed: ${e.message}`);
+  }
+};
+if (viewer) {
+  for (const id of ["say-form", "instruct-form", "upload-form"]) $(id).style.display = "none";
+}
+loadAvatars();
