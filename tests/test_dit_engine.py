@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +21,10 @@ from engines.dit.conditioning import (
 )
 from engines.dit.engine import shot_prompt
 from engines.storyline import Emotion, EmotionLabel, Shot, default_shot
+from realtime.clock import FakeClock
+from realtime.playout import Playout
+from realtime.scheduler import CascadeScheduler, SchedulerConfig
+from realtime.timeline import AudioTimeline
 
 FPS = 25
 STEP = 4 / FPS  # keyframes four frames apart: one latent frame per interval
@@ -53,9 +60,7 @@ def speech(seconds: float, seed: int = 1, start: float = 0.0) -> AudioSlice:
     rng = np.random.default_rng(seed)
     t = np.arange(round(seconds * AUDIO_RATE)) / AUDIO_RATE
     wave = 0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    return AudioSlice(
-        start=start, samples=(wave + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
-    )
+    return AudioSlice(start=start, samples=(wave + 0.01 * rng.standard_normal(len(t))).astype(np.float32))
 
 
 def test_stage_shapes(engine: DitEngine) -> None:
@@ -67,9 +72,7 @@ def test_stage_shapes(engine: DitEngine) -> None:
     assert all(k.state.latent.shape == (1, 4, 1, 8, 8) for k in keys)
     for first, last, n in ((keys[0], keys[1], 4), (keys[0], keys[2], 8)):
         frames = engine.subclip(prepared, first, last, speech(1.0), default_shot(0, 1))
-        assert len(frames) == n + 1 and all(
-            f.shape == (64, 64, 3) and f.dtype == np.uint8 for f in frames
-        )
+        assert len(frames) == n + 1 and all(f.shape == (64, 64, 3) and f.dtype == np.uint8 for f in frames)
         assert np.array_equal(frames[0], first.image) and np.array_equal(frames[-1], last.image)
     odd = Keyframe(pts=7 / FPS, state=None, image=keys[1].image)  # 7 frames: not 1 + 4k
     assert len(engine.subclip(prepared, keys[0], odd, speech(1.0), default_shot(0, 1))) == 8
@@ -84,9 +87,7 @@ def test_keyframes_follow_reference_and_prompts(engine: DitEngine) -> None:
     base = engine.keyframes(prepared, [calm], [0.0, STEP])
     again = engine.keyframes(prepared, [calm], [0.0, STEP])
     assert all(np.array_equal(a.image, b.image) for a, b in zip(base, again, strict=True))
-    excited = engine.keyframes(
-        prepared, [calm.model_copy(update={"prompt": "an excited host"})], [0.0, STEP]
-    )
+    excited = engine.keyframes(prepared, [calm.model_copy(update={"prompt": "an excited host"})], [0.0, STEP])
     assert not np.array_equal(base[1].image, excited[1].image)
     other = Avatar("a", np.full((64, 64, 3), 200, np.uint8))
     moved = engine.keyframes(engine.prepare(other), [calm], [0.0, STEP])
@@ -118,41 +119,62 @@ def test_silent_character_with_zero_mask_cannot_change_frames(engine: DitEngine)
         return res.frames
 
     base = run(speech(1.0, 1), speech(1.0, 2))
-    assert all(
-        np.array_equal(a, b) for a, b in zip(base, run(speech(1.0, 1), speech(1.0, 3)), strict=True)
-    )
+    assert all(np.array_equal(a, b) for a, b in zip(base, run(speech(1.0, 1), speech(1.0, 3)), strict=True))
     assert any(
-        not np.array_equal(a, b)
-        for a, b in zip(base, run(speech(1.0, 4), speech(1.0, 2)), strict=True)
+        not np.array_equal(a, b) for a, b in zip(base, run(speech(1.0, 4), speech(1.0, 2)), strict=True)
     )
-    predicted = engine.subclip_multi(
-        prepared, keys[0], keys[1], [speech(1.0, 1), speech(1.0, 2)], shot
-    )
+    predicted = engine.subclip_multi(prepared, keys[0], keys[1], [speech(1.0, 1), speech(1.0, 2)], shot)
     assert predicted.masks is not None and predicted.masks.shape == (2, 2, 4, 4)
     assert np.all((predicted.masks >= 0) & (predicted.masks <= 1))
     with pytest.raises(ValueError, match="audio tracks"):
         engine.subclip_multi(prepared, keys[0], keys[1], [speech(1.0)] * 3, shot)
 
 
-def test_tiny_cascade_joins_subclips_into_one_stream(engine: DitEngine) -> None:
-    # The cascade as the scheduler drives it: keyframes for a window, a sub-clip per
-    # consecutive pair (audio arriving per interval), joined without the repeated ends,
-    # then super-resolution.
+class InlineExecutor(Executor):
+    """Runs each job at submit: the scheduler's order, deterministic, without threads."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        fut.set_result(fn(*args, **kwargs))
+        return fut
+
+
+async def test_tiny_cascade_through_the_scheduler(engine: DitEngine) -> None:
+    # Known (TTS) audio for 0.48 s: the scheduler plans keyframes, renders the three
+    # 4-frame sub-clips that audio covers and upscales them; playout gets 12 frames.
     prepared = engine.prepare(portrait())
     shots = [
         Shot(start=0, end=2 * STEP, prompt="a calm host"),
-        Shot(start=2 * STEP, end=1, emotion=Emotion(label=EmotionLabel.happy, intensity=0.8)),
+        Shot(start=2 * STEP, end=5, emotion=Emotion(label=EmotionLabel.happy, intensity=0.8)),
     ]
-    times = [k * STEP for k in range(4)]
-    keys = engine.keyframes(prepared, shots, times)
-    audio = speech(1.0)
-    stream: list[np.ndarray] = []
-    for first, last in zip(keys, keys[1:], strict=False):
-        shot = next(s for s in shots if s.covers(first.pts))
-        frames = engine.upscale(engine.subclip(prepared, first, last, audio, shot))
-        stream.extend(frames if not stream else frames[1:])
-    assert len(stream) == 3 * 4 + 1
-    assert all(f.shape == (128, 128, 3) and f.dtype == np.uint8 for f in stream)
+    timeline = AudioTimeline(horizon_s=20)
+    samples = speech(3 * STEP).samples
+    timeline.write_tts(0.0, samples, np.zeros(3 * len(samples), np.int16), [], now=0.0)
+    playout = Playout(FPS, 0.2)
+    sched = CascadeScheduler(
+        engine,
+        prepared,
+        timeline,
+        FakeClock(),
+        playout,
+        lambda a, b: shots,
+        InlineExecutor(),
+        SchedulerConfig(subclip_frames=4, workers=1),
+    )
+    task = asyncio.ensure_future(sched.run())
+    try:
+        for _ in range(200):
+            if sched.stats.clips_rendered == 3:
+                break
+            await asyncio.sleep(0)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert sched.stats.clips_rendered == 3 and playout.buffered() == 12
+    idle = np.zeros((128, 128, 3), np.uint8)
+    frames = [playout.take(k, idle) for k in range(12)]
+    assert all(fresh and f.shape == (128, 128, 3) and f.dtype == np.uint8 for f, fresh in frames)
+    assert len({f.tobytes() for f, _ in frames}) > 1  # real frames, not one held image
 
 
 def test_bad_calls_are_rejected(engine: DitEngine) -> None:
@@ -171,9 +193,7 @@ def test_bad_calls_are_rejected(engine: DitEngine) -> None:
             default_shot(0, 1),
         )
     with pytest.raises(ValueError, match="no image"):
-        engine.subclip(
-            prepared, key, Keyframe(pts=STEP, state=None), speech(1.0), default_shot(0, 1)
-        )
+        engine.subclip(prepared, key, Keyframe(pts=STEP, state=None), speech(1.0), default_shot(0, 1))
     with pytest.raises(ValueError, match="upscale takes 64x64"):
         engine.upscale([np.zeros((32, 32, 3), np.uint8)])
 
@@ -200,7 +220,5 @@ def test_audio_windows_per_latent_frame() -> None:
 
 def test_shot_prompt_uses_the_plan() -> None:
     assert shot_prompt(Shot(start=0, end=1, prompt="custom")) == "custom"
-    composed = shot_prompt(
-        Shot(start=0, end=1, emotion=Emotion(label=EmotionLabel.sad, intensity=0.5))
-    )
+    composed = shot_prompt(Shot(start=0, end=1, emotion=Emotion(label=EmotionLabel.sad, intensity=0.5)))
     assert "sad" in composed and "close up" in composed
