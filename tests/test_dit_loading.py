@@ -122,6 +122,9 @@ def test_build_refuses_without_weights_and_says_what_to_pass() -> None:
         build_dit_engine(pathlib.Path("/nonexistent/weights"))
     with pytest.raises(ValueError, match="dtype 'fp8'"):
         build_dit_engine(None, random_weights=True, dtype="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cpu"):
+            build_dit_engine(None, random_weights=True, device="cuda")
     with pytest.raises(ValueError, match="not a preset"):
         build_dit_engine(None, random_weights=True, config="70b")
     engine = build_dit_engine(None, random_weights=True, dtype="fp32", config="tiny")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pathlib
 
+import torch
+
 from engines.dit.config import DitEngineConfig, parse_dtype
 from engines.dit.engine import RANDOM_WEIGHTS_BANNER, DitEngine, DitPrepared, SubclipResult
 from engines.dit.loading import (
@@ -43,6 +45,8 @@ def build_dit_engine(
     ``1.3b``); with ``weights`` the folder's own configs decide.
     """
     torch_dtype = parse_dtype(dtype)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} is not available on this machine: pass --device cpu")
     if weights is not None and random_weights:
         raise ValueError("pass either --weights DIR or --random-weights, not both")
     if weights is None:
