@@ -56,7 +56,5 @@ def build_dit_engine(
                 "engine.json, vae/, blueprint/, subclip/, audio_adapter/ and text_encoder/ or "
                 "prompt_embeds.safetensors), or --random-weights for a throughput test only"
             )
-        return DitEngine(
-            random_components(config, dtype=torch_dtype, device=device), random_weights=True
-        )
+        return DitEngine(random_components(config, dtype=torch_dtype, device=device), random_weights=True)
     return DitEngine(load_components(pathlib.Path(weights), dtype=torch_dtype, device=device))

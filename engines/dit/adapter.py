@@ -41,9 +41,7 @@ class AudioCrossAttention(nn.Module):
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
 
-    def forward(
-        self, hidden: torch.Tensor, audio: torch.Tensor, gates: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, audio: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Residual audio update of ``hidden``.
 
         Args:
@@ -115,9 +113,7 @@ class AudioAdapter(ModelMixin, ConfigMixin):
         )
         # learned position within a window, so attention can tell past from future audio
         self.window_pos = nn.Parameter(torch.zeros(1, 1, 1, audio_window, dim))
-        self.blocks = nn.ModuleList(
-            AudioCrossAttention(dim, num_heads, eps) for _ in range(num_layers)
-        )
+        self.blocks = nn.ModuleList(AudioCrossAttention(dim, num_heads, eps) for _ in range(num_layers))
         self.mask_head = MaskHead(dim, max_characters, eps)
 
     def out_projections(self) -> list[nn.Linear]:
@@ -126,10 +122,7 @@ class AudioAdapter(ModelMixin, ConfigMixin):
 
     def project_audio(self, windows: torch.Tensor) -> torch.Tensor:
         """``(B, C, F, W, audio_dim)`` windowed features -> ``(B, C, F, W, dim)``."""
-        if (
-            windows.shape[-1] != self.config.audio_dim
-            or windows.shape[-2] != self.config.audio_window
-        ):
+        if windows.shape[-1] != self.config.audio_dim or windows.shape[-2] != self.config.audio_window:
             raise ValueError(
                 f"audio windows have shape {tuple(windows.shape)}; the adapter expects "
                 f"(..., {self.config.audio_window}, {self.config.audio_dim})"

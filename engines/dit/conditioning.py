@@ -14,7 +14,6 @@ import hashlib
 import logging
 import math
 import pathlib
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -43,25 +42,6 @@ class AudioEncoder(Protocol):
     def features(self, samples: np.ndarray) -> torch.Tensor:
         """``(T, dim)`` float32 features at :data:`FEATURE_RATE` of 16 kHz mono samples."""
         ...
-
-
-class _PromptCache:
-    """A small LRU of prompt -> embedding (the director repeats prompts shot to shot)."""
-
-    def __init__(self, size: int = 64) -> None:
-        self._size = size
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def get(self, prompt: str) -> torch.Tensor | None:
-        item = self._items.get(prompt)
-        if item is not None:
-            self._items.move_to_end(prompt)
-        return item
-
-    def put(self, prompt: str, value: torch.Tensor) -> None:
-        self._items[prompt] = value
-        if len(self._items) > self._size:
-            self._items.popitem(last=False)
 
 
 def _stack_padded(items: list[torch.Tensor]) -> torch.Tensor:
@@ -98,33 +78,25 @@ class LocalTextEncoder:
         cls = getattr(transformers, classes.get(config.model_type, "AutoModel"))
         self.model = cls.from_pretrained(encoder_dir, local_files_only=True, torch_dtype=dtype)
         self.model.to(device).eval()
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(
-            tokenizer_dir, local_files_only=True
-        )
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         self.max_length = max_length
         self.device = device
         self.dim = int(config.d_model if hasattr(config, "d_model") else config.hidden_size)
-        self._cache = _PromptCache()
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        missing = [p for p in dict.fromkeys(prompts) if self._cache.get(p) is None]
-        if missing:
-            tok = self.tokenizer(
-                list(missing),
-                padding="max_length",
-                max_length=self.max_length,
-                truncation=True,
-                add_special_tokens=True,
-                return_attention_mask=True,
-                return_tensors="pt",
-            )
-            ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float().cpu()
-            hidden = hidden * mask.cpu().unsqueeze(-1).to(hidden.dtype)  # zeros past each prompt
-            for p, h in zip(missing, hidden, strict=True):
-                self._cache.put(p, h)
-        return torch.stack([self._cache.get(p) for p in prompts])  # type: ignore[misc]
+        tok = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float().cpu()
+        return hidden * mask.cpu().unsqueeze(-1).to(hidden.dtype)  # zeros past each prompt
 
 
 class PrecomputedTextEmbeddings:
@@ -144,9 +116,7 @@ class PrecomputedTextEmbeddings:
             raise ValueError(f"precomputed embeddings file {path} holds no tensors")
         dims = {v.shape[-1] for v in self.table.values()}
         if len(dims) != 1 or any(v.ndim != 2 for v in self.table.values()):
-            raise ValueError(
-                f"{path}: every embedding must be (tokens, dim) with one dim, got {dims}"
-            )
+            raise ValueError(f"{path}: every embedding must be (tokens, dim) with one dim, got {dims}")
         self.dim = dims.pop()
         self._warned: set[str] = set()
 
@@ -167,9 +137,7 @@ class PrecomputedTextEmbeddings:
             )
         if prompt not in self._warned:
             self._warned.add(prompt)
-            logger.warning(
-                "no precomputed embedding for prompt %r; using the empty prompt", prompt[:60]
-            )
+            logger.warning("no precomputed embedding for prompt %r; using the empty prompt", prompt[:60])
         return self.table[""]
 
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -202,9 +170,7 @@ def _mel_filterbank(n_fft: int, n_mels: int, rate: int) -> torch.Tensor:
         return 700.0 * (10 ** (m / 2595.0) - 1.0)
 
     freqs = np.linspace(0, rate / 2, n_fft // 2 + 1)
-    edges = mel_to_hz(
-        np.linspace(hz_to_mel(np.array(0.0)), hz_to_mel(np.array(rate / 2)), n_mels + 2)
-    )
+    edges = mel_to_hz(np.linspace(hz_to_mel(np.array(0.0)), hz_to_mel(np.array(rate / 2)), n_mels + 2))
     lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     up = (freqs[None] - lower) / (centre - lower)
     down = (upper - freqs[None]) / (upper - centre)
@@ -227,9 +193,7 @@ class MelAudioEncoder:
         if n == 0:
             return torch.zeros(0, self.dim)
         spec = (
-            torch.stft(
-                x, self.n_fft, self.hop, window=self._window, center=True, return_complex=True
-            ).abs()
+            torch.stft(x, self.n_fft, self.hop, window=self._window, center=True, return_complex=True).abs()
             ** 2
         )  # (freq, n + 1)
         mel = torch.log(torch.clamp(spec.T @ self._fb, min=1e-10)) / 4.0
@@ -262,9 +226,7 @@ class Wav2Vec2AudioEncoder:
         return hidden[:n]
 
 
-def latent_frame_centres(
-    t0: float, t1: float, video_frames: int, temporal_scale: int
-) -> np.ndarray:
+def latent_frame_centres(t0: float, t1: float, video_frames: int, temporal_scale: int) -> np.ndarray:
     """Centre time of each latent frame of a causal video VAE.
 
     ``video_frames = 1 + temporal_scale * k`` frames span ``[t0, t1]`` evenly;
@@ -281,9 +243,7 @@ def latent_frame_centres(
     return np.array([g.mean() for g in groups])
 
 
-def window_features(
-    feats: torch.Tensor, feats_t0: float, centres: np.ndarray, window: int
-) -> torch.Tensor:
+def window_features(feats: torch.Tensor, feats_t0: float, centres: np.ndarray, window: int) -> torch.Tensor:
     """``(F, window, dim)``: the ``window`` feature frames around each centre time.
 
     Feature ``k`` is at time ``feats_t0 + k / FEATURE_RATE``; frames outside the
@@ -318,9 +278,7 @@ class ClipImageEncoder:
 
         if not (encoder_dir / "config.json").is_file():
             raise ValueError(f"image encoder folder {encoder_dir} has no config.json")
-        self.model = transformers.CLIPVisionModel.from_pretrained(
-            encoder_dir, local_files_only=True
-        )
+        self.model = transformers.CLIPVisionModel.from_pretrained(encoder_dir, local_files_only=True)
         torch.nn.Module.to(self.model, device).eval()
         self.processor = transformers.CLIPImageProcessor.from_pretrained(
             processor_dir or encoder_dir, local_files_only=True

@@ -32,9 +32,7 @@ class DitEngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     fps: int = Field(default=25, gt=0)
-    keyframe_size: tuple[int, int] = Field(
-        default=(256, 256), description="(width, height) of stages 1-2"
-    )
+    keyframe_size: tuple[int, int] = Field(default=(256, 256), description="(width, height) of stages 1-2")
     output_size: tuple[int, int] = Field(default=(512, 512), description="(width, height) after SR")
     steps: int = Field(default=4, ge=1, le=100)
     shift: float = Field(default=5.0, gt=0.0)
@@ -86,9 +84,7 @@ def preset(name: Literal["tiny", "1.3b"] | str) -> Preset:
     if name == "tiny":
         z = 4
         return Preset(
-            engine=DitEngineConfig(
-                keyframe_size=(64, 64), output_size=(128, 128), text_max_length=8
-            ),
+            engine=DitEngineConfig(keyframe_size=(64, 64), output_size=(128, 128), text_max_length=8),
             backbone=dict(
                 patch_size=(1, 2, 2),
                 num_attention_heads=2,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ from engines.dit.video import LatentCodec, fit_image, frames_to_video, video_to_
 from engines.storyline import Shot, default_shot
 
 logger = logging.getLogger(__name__)
+
+TEXT_CACHE_SIZE = 64
 
 WAN_TEXT_TOKENS = 512
 """Text context length that Wan's image cross-attention assumes (diffusers' WanAttnProcessor)."""
@@ -74,9 +77,7 @@ def shot_prompt(shot: Shot) -> str:
         return shot.prompt
     parts = [f"a person talking to the camera, {shot.framing.value.replace('_', ' ')} shot"]
     if shot.emotion.intensity > 0:
-        parts.append(
-            f"{shot.emotion.label.value} expression (intensity {shot.emotion.intensity:.1f})"
-        )
+        parts.append(f"{shot.emotion.label.value} expression (intensity {shot.emotion.intensity:.1f})")
     parts.append(f"looking {'at the camera' if shot.gaze.value == 'camera' else shot.gaze.value}")
     parts.append("lively head motion" if shot.head_motion > 0.6 else "gentle head motion")
     parts += [f"{g.kind.value}s" for g in shot.gestures]
@@ -105,6 +106,7 @@ class DitEngine(Engine):
         w, h = cfg.keyframe_size
         s = self.codec.spatial
         self.latent_hw = (h // s, w // s)
+        self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         if random_weights:
             logger.warning("dit engine runs with %s", RANDOM_WEIGHTS_BANNER)
 
@@ -117,14 +119,23 @@ class DitEngine(Engine):
         return torch.randn(shape, generator=gen).to(self.device)
 
     def _text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Distinct prompts, encoded and joined along the sequence: ``(1, L, dim)``."""
-        unique = list(dict.fromkeys(prompts))
-        emb = self.parts.text.encode(unique)
-        return emb.reshape(1, -1, emb.shape[-1]).to(self.device)
+        """Distinct prompts, encoded and joined along the sequence: ``(1, L, dim)``.
 
-    def _prompts(
-        self, dit: AvatarDiT, shots: Sequence[Shot]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        Cached on the device: the director repeats a shot's prompts clip after clip.
+        """
+        unique = tuple(dict.fromkeys(prompts))
+        hit = self._text_cache.get(unique)
+        if hit is None:
+            emb = self.parts.text.encode(unique)
+            hit = emb.reshape(1, -1, emb.shape[-1]).to(self.device)
+            self._text_cache[unique] = hit
+            if len(self._text_cache) > TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
+        else:
+            self._text_cache.move_to_end(unique)
+        return hit
+
+    def _prompts(self, dit: AvatarDiT, shots: Sequence[Shot]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Positive (and, with CFG, negative) text of a stage for its shots.
 
         Backbones with CLIP image attention (Wan I2V/FLF2V) split their context
@@ -175,9 +186,7 @@ class DitEngine(Engine):
             raise ValueError(f"keyframe times must increase strictly, got {times}")
         # 1. the shot of each keyframe, and the prompts of those shots
         planned = [next((s for s in shots if s.covers(t)), None) for t in times]
-        plan = [
-            s if s is not None else default_shot(t, t) for s, t in zip(planned, times, strict=True)
-        ]
+        plan = [s if s is not None else default_shot(t, t) for s, t in zip(planned, times, strict=True)]
         text, negative = self._prompts(self.parts.blueprint, plan)
         # 2. slot 0 holds the reference latent; slots 1..K are the keyframes
         condition = self.codec.slot_condition(prepared.latent.to(self.device), 1 + len(times))
@@ -233,9 +242,7 @@ class DitEngine(Engine):
                 f"{len(audios)} audio tracks; this adapter takes 1..{adapter.config.max_characters}"
             )
         if masks is not None and (masks.ndim != 3 or masks.shape[0] != len(audios)):
-            raise ValueError(
-                f"masks of shape {masks.shape} must be (characters={len(audios)}, H, W)"
-            )
+            raise ValueError(f"masks of shape {masks.shape} must be (characters={len(audios)}, H, W)")
         ts = self.codec.temporal
         frames = 1 + ts * math.ceil(n / ts)  # the VAE's 1 + 4k frames, resampled to n + 1 below
         # 1. first-last-frame condition: mask + latents of [first, 0, ..., 0, last]
@@ -310,7 +317,5 @@ class DitEngine(Engine):
         noise = self._noise(tuple(cond.shape), _seed(self.config.seed, "sr", len(frames)))
         text = self._text([""])
         config = SamplerConfig(self.config.sr_steps, self.sampler.shift, 1.0)
-        result = sample(
-            sr, noise, cond, text, config, image_embeds=self.image_embeds_for(sr, [frames[0]])
-        )
+        result = sample(sr, noise, cond, text, config, image_embeds=self.image_embeds_for(sr, [frames[0]]))
         return video_to_frames(self.codec.decode(result.latents)[0])[: len(frames)]

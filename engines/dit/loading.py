@@ -168,11 +168,7 @@ class DitComponents:
                     f"{stage} backbone expects CLIP image embeddings (image_dim={cfg.image_dim}): "
                     "add image_encoder/ (CLIPVisionModel) and image_processor/ to the weights"
                 )
-            if (
-                cfg.image_dim is not None
-                and self.image is not None
-                and cfg.image_dim != self.image.dim
-            ):
+            if cfg.image_dim is not None and self.image is not None and cfg.image_dim != self.image.dim:
                 raise ValueError(
                     f"{stage} backbone takes image_dim={cfg.image_dim} but the image encoder "
                     f"gives {self.image.dim}"
@@ -239,9 +235,7 @@ def load_components(folder: pathlib.Path, *, dtype: torch.dtype, device: str) ->
     image = None
     if (folder / "image_encoder").is_dir():
         proc = folder / "image_processor"
-        image = ClipImageEncoder(
-            folder / "image_encoder", proc if proc.is_dir() else None, device=device
-        )
+        image = ClipImageEncoder(folder / "image_encoder", proc if proc.is_dir() else None, device=device)
     components = DitComponents(
         config=config,
         vae=vae,
@@ -270,9 +264,7 @@ def save_components(components: DitComponents, folder: pathlib.Path) -> None:
         save_model(components.sr.backbone, folder / "sr")
 
 
-def random_components(
-    preset_name: str, *, dtype: torch.dtype, device: str, seed: int = 0
-) -> DitComponents:
+def random_components(preset_name: str, *, dtype: torch.dtype, device: str, seed: int = 0) -> DitComponents:
     """Random-weight models of a preset's sizes: for throughput tests and CI only."""
     from engines.dit.conditioning import HashTextEncoder
     from engines.dit.config import preset

@@ -42,9 +42,7 @@ class DiTOutput:
 class AvatarDiT(nn.Module):
     """A Wan backbone with the audio adapter interleaved after each block."""
 
-    def __init__(
-        self, backbone: WanTransformer3DModel, adapter: AudioAdapter | None = None
-    ) -> None:
+    def __init__(self, backbone: WanTransformer3DModel, adapter: AudioAdapter | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.adapter = adapter
@@ -71,9 +69,7 @@ class AvatarDiT(nn.Module):
         p = self.backbone.config.patch_size
         return int(p[0]), int(p[1]), int(p[2])
 
-    def project_audio(
-        self, windows: torch.Tensor, masks: torch.Tensor | None = None
-    ) -> AudioCondition:
+    def project_audio(self, windows: torch.Tensor, masks: torch.Tensor | None = None) -> AudioCondition:
         """Project windowed features ``(B, C, F, W, audio_dim)`` once per clip."""
         if self.adapter is None:
             raise ValueError("this DiT has no audio adapter; it cannot take audio")
@@ -102,9 +98,7 @@ class AvatarDiT(nn.Module):
             raise ValueError(f"input has {c} channels; the backbone takes {self.in_channels}")
         p_t, p_h, p_w = self.patch_size
         if f % p_t or h % p_h or w % p_w:
-            raise ValueError(
-                f"input (F={f}, H={h}, W={w}) is not a multiple of the patch {p_t, p_h, p_w}"
-            )
+            raise ValueError(f"input (F={f}, H={h}, W={w}) is not a multiple of the patch {p_t, p_h, p_w}")
         pf, ph, pw = f // p_t, h // p_h, w // p_w
         if audio is not None or predict_masks:
             if self.adapter is None:
@@ -112,9 +106,7 @@ class AvatarDiT(nn.Module):
             if p_t != 1:
                 raise ValueError("frame-local audio attention needs a temporal patch size of 1")
         if audio is not None and audio.tokens.shape[2] != pf:
-            raise ValueError(
-                f"audio has {audio.tokens.shape[2]} frame windows; the latents have {pf}"
-            )
+            raise ValueError(f"audio has {audio.tokens.shape[2]} frame windows; the latents have {pf}")
 
         # 1. patchify, position and condition embeddings (as WanTransformer3DModel.forward)
         rotary_emb = bb.rope(hidden_states)

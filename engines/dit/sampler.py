@@ -112,9 +112,7 @@ def sample(
                     None if m is None else torch.cat([m, m]),
                 )
         t = torch.full((inp.shape[0],), sigma * 1000.0, device=x.device)
-        out = model(
-            inp, t, ctx, audio=step_audio, encoder_hidden_states_image=img, predict_masks=predict
-        )
+        out = model(inp, t, ctx, audio=step_audio, encoder_hidden_states_image=img, predict_masks=predict)
         v = out.sample.float()
         if cfg_on:
             v_pos, v_neg = v.chunk(2)

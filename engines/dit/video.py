@@ -13,9 +13,7 @@ from diffusers import AutoencoderKLWan
 def fit_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Centre-crop ``image`` to the aspect of ``size`` (width, height) and resize."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(
-            f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {tuple(image.shape)}"
-        )
+        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {tuple(image.shape)}")
     w, h = size
     ih, iw = image.shape[:2]
     scale = min(iw / w, ih / h)
@@ -96,9 +94,7 @@ class LatentCodec:
         h, w = latent_hw
         return m.T[None, :, :, None, None].expand(1, self.temporal, m.shape[0], h, w).contiguous()
 
-    def first_last_condition(
-        self, first: np.ndarray, last: np.ndarray, num_frames: int
-    ) -> torch.Tensor:
+    def first_last_condition(self, first: np.ndarray, last: np.ndarray, num_frames: int) -> torch.Tensor:
         """Mask + latents of the video ``[first, 0, ..., 0, last]`` (Wan FLF2V layout)."""
         h, w = first.shape[:2]
         video = torch.zeros(1, 3, num_frames, h, w, device=self.device)
