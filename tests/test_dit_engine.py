@@ -222,3 +222,20 @@ def test_shot_prompt_uses_the_plan() -> None:
     assert shot_prompt(Shot(start=0, end=1, prompt="custom")) == "custom"
     composed = shot_prompt(Shot(start=0, end=1, emotion=Emotion(label=EmotionLabel.sad, intensity=0.5)))
     assert "sad" in composed and "close up" in composed
+
+
+def test_cfg_with_the_negative_directors_prompts(engine: DitEngine) -> None:
+    from dataclasses import replace
+
+    cfg = engine.parts.config.model_copy(update={"guidance_scale": 3.0})
+    guided = DitEngine(replace(engine.parts, config=cfg))
+    prepared = guided.prepare(portrait())
+    shots = [
+        Shot(start=0, end=STEP, prompt="a calm host", negative_prompt="blurry"),
+        Shot(start=STEP, end=1, prompt="a smiling host"),
+    ]
+    keys = guided.keyframes(prepared, shots, [0.0, STEP])
+    other = [shots[0].model_copy(update={"negative_prompt": "distorted mouth"}), shots[1]]
+    assert not np.array_equal(keys[1].image, guided.keyframes(prepared, other, [0.0, STEP])[1].image)
+    frames = guided.subclip(prepared, keys[0], keys[1], speech(1.0), shots[0])
+    assert len(frames) == 5

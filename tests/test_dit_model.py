@@ -148,13 +148,9 @@ def test_mask_head_predicts_one_mask_per_character_and_explicit_masks_override()
     explicit = AudioCondition(audio.tokens, torch.ones(1, 2, 3, 4, 4))
     with_explicit = sample(dit, noise, cond, inp["text"], cfg, audio=explicit).latents
     dit.adapter.mask_head.out.bias.data += 3.0
-    assert not torch.equal(
-        sample(dit, noise, cond, inp["text"], cfg, audio=audio).latents, predicted.latents
-    )
+    assert not torch.equal(sample(dit, noise, cond, inp["text"], cfg, audio=audio).latents, predicted.latents)
     # explicit masks override: the head no longer matters
-    assert torch.equal(
-        sample(dit, noise, cond, inp["text"], cfg, audio=explicit).latents, with_explicit
-    )
+    assert torch.equal(sample(dit, noise, cond, inp["text"], cfg, audio=explicit).latents, with_explicit)
 
 
 def test_shifted_sigmas() -> None:
@@ -181,6 +177,11 @@ def test_sampler_cfg_uses_negative_prompt_only_when_enabled() -> None:
     c = sample(dit, noise, cond, inp["text"], cfg, negative_text=neg_a).latents
     d = sample(dit, noise, cond, inp["text"], cfg, negative_text=neg_b).latents
     assert not torch.allclose(c, d)
+    # a shorter negative prompt is zero-padded to the positive's length (Wan's padding)
+    short = torch.randn(1, 2, 16)
+    padded = torch.cat([short, torch.zeros(1, 3, 16)], dim=1)
+    e = sample(dit, noise, cond, inp["text"], cfg, negative_text=short).latents
+    assert torch.equal(e, sample(dit, noise, cond, inp["text"], cfg, negative_text=padded).latents)
     with pytest.raises(ValueError, match="negative_text"):
         sample(dit, noise, cond, inp["text"], cfg)
 

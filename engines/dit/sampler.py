@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from engines.dit.model import AudioCondition, AvatarDiT
 
@@ -42,6 +43,12 @@ class SamplerConfig:
 class SampleResult:
     latents: torch.Tensor
     mask_logits: torch.Tensor | None = None  # last prediction, (B, C, F, H', W')
+
+
+def _pad_to_same_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad two ``(B, L, D)`` text embeddings to one length (zeros are Wan's padding)."""
+    n = max(a.shape[1], b.shape[1])
+    return F.pad(a, (0, 0, 0, n - a.shape[1])), F.pad(b, (0, 0, 0, n - b.shape[1]))
 
 
 def _gates_from_logits(logits: torch.Tensor, n_chars: int) -> torch.Tensor:
@@ -103,7 +110,7 @@ def sample(
         img = image_embeds
         if cfg_on and negative_text is not None:
             inp = torch.cat([inp, inp])
-            ctx = torch.cat([ctx, negative_text.to(dtype)])
+            ctx = torch.cat(_pad_to_same_length(ctx, negative_text.to(dtype)))
             img = None if image_embeds is None else torch.cat([image_embeds, image_embeds])
             if step_audio is not None:
                 m = step_audio.masks
