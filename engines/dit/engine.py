@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,6 +108,7 @@ class DitEngine(Engine):
         s = self.codec.spatial
         self.latent_hw = (h // s, w // s)
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        self._text_lock = threading.Lock()
         if random_weights:
             logger.warning("dit engine runs with %s", RANDOM_WEIGHTS_BANNER)
 
@@ -124,15 +126,17 @@ class DitEngine(Engine):
         Cached on the device: the director repeats a shot's prompts clip after clip.
         """
         unique = tuple(dict.fromkeys(prompts))
-        hit = self._text_cache.get(unique)
-        if hit is None:
-            emb = self.parts.text.encode(unique)
-            hit = emb.reshape(1, -1, emb.shape[-1]).to(self.device)
+        with self._text_lock:  # stages may run on several worker threads
+            hit = self._text_cache.get(unique)
+            if hit is not None:
+                self._text_cache.move_to_end(unique)
+                return hit
+        emb = self.parts.text.encode(unique)
+        hit = emb.reshape(1, -1, emb.shape[-1]).to(self.device)
+        with self._text_lock:
             self._text_cache[unique] = hit
             if len(self._text_cache) > TEXT_CACHE_SIZE:
                 self._text_cache.popitem(last=False)
-        else:
-            self._text_cache.move_to_end(unique)
         return hit
 
     def _prompts(self, dit: AvatarDiT, shots: Sequence[Shot]) -> tuple[torch.Tensor, torch.Tensor | None]:
