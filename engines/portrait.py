@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -87,6 +88,8 @@ class PreparedPortrait:
     grid_y: np.ndarray
     roi: tuple[int, int, int, int]  # x0, y0, x1, y1: where the field is not zero
     seed: int
+    joins: dict[bytes, np.ndarray] = field(default_factory=dict)  # recent frames by controls
+    joins_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 # --------------------------------------------------------------------------- #
@@ -482,8 +485,22 @@ class PortraitEngine(Engine):
             else:
                 a = k / n
                 state = blueprint_controls(shots, t, prepared.seed) + (1 - a) * c0 + a * c1
-            frames.append(self.render(prepared, self._full_controls(state, mouth[k])))
+            frames.append(self._render_cached(prepared, self._full_controls(state, mouth[k])))
         return frames
+
+    def _render_cached(self, prepared: PreparedPortrait, controls: np.ndarray) -> np.ndarray:
+        """A sub-clip's first frame is the previous one's last: render the join once."""
+        key = controls.tobytes()
+        cache = prepared.joins
+        with prepared.joins_lock:
+            frame = cache.get(key)
+        if frame is None:
+            frame = self.render(prepared, controls)
+            with prepared.joins_lock:
+                cache[key] = frame
+                while len(cache) > 16:  # sessions sharing an avatar share the cache
+                    cache.pop(next(iter(cache)))
+        return frame
 
     # rendering --------------------------------------------------------------------
     @staticmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -28,6 +29,14 @@ log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web_client"
 MAX_SDP_BYTES = 64 * 1024
+
+
+def _rss_bytes() -> int:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 class ServerConfig(BaseModel):
@@ -294,6 +303,9 @@ class AvatarServer:
             "# TYPE avatar_sessions_total counter", f"avatar_sessions_total {self.sessions_total}",
             "# TYPE avatar_sessions_rejected_total counter",
             f"avatar_sessions_rejected_total {self.sessions_rejected}",
+            "# TYPE avatar_asyncio_tasks gauge", f"avatar_asyncio_tasks {len(asyncio.all_tasks())}",
+            "# TYPE process_resident_memory_bytes gauge",
+            f"process_resident_memory_bytes {_rss_bytes()}",
         ]
         for s in self.sessions.values():
             st = s.stats()

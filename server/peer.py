@@ -13,6 +13,7 @@ import fractions
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,7 @@ class AvatarPeer:
         self.first_frame_at: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._open = asyncio.Event()
+        self._changed = asyncio.Event()  # set whenever anything arrives
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         h = dict(extra or {})
@@ -127,6 +129,7 @@ class AvatarPeer:
     def _on_message(self, message: Any) -> None:
         with contextlib.suppress(ValueError):
             self.got.messages.append(json.loads(message))
+        self._changed.set()
 
     async def _read_video(self, track: Any) -> None:
         n = 0
@@ -139,6 +142,7 @@ class AvatarPeer:
             if self.first_frame_at is None:
                 self.first_frame_at = now
             self.got.video_times.append(now)
+            self._changed.set()
             if self.keep_frames and n % self.frame_stride == 0:
                 self.got.video.append((now, frame.to_ndarray(format="rgb24")))
             n += 1
@@ -153,9 +157,22 @@ class AvatarPeer:
             now = time.perf_counter()
             for f in resampler.resample(frame):
                 self.got.audio.append((now, f.to_ndarray().reshape(-1).astype(np.int16)))
+            self._changed.set()
 
     async def wait_open(self, within: float = 10.0) -> None:
         await asyncio.wait_for(self._open.wait(), within)
+
+    async def wait_until(self, condition: Callable[[], bool], within: float, what: str) -> None:
+        """Wait (at most ``within`` s) until ``condition()`` holds, re-checking on each arrival."""
+        async def watch() -> None:
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(watch(), within)
+        except TimeoutError:
+            raise AssertionError(f"timed out after {within}s waiting for {what}") from None
 
     def send(self, message: dict[str, Any] | str) -> None:
         self.channel.send(message if isinstance(message, str) else json.dumps(message))

@@ -1,0 +1,79 @@
+"""Headless Chromium (Debian's) with a fake microphone: the host console as a user uses it."""
+
+from __future__ import annotations
+
+import shutil
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.peer import RATE
+from tests.conftest import RunningServer
+from tests.helpers import speech
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason="Debian's chromium is not installed (make test installs it as root)"),
+]
+
+
+def write_wav(path: Path, x: np.ndarray) -> None:
+    pcm = np.clip(x * 32767, -32768, 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(pcm.tobytes())
+
+
+async def test_host_console_in_chromium(server: RunningServer, tmp_path: Path) -> None:
+    from playwright.async_api import async_playwright
+
+    mic = tmp_path / "mic.wav"  # a line of speech, then a long silence (Chromium loops it)
+    write_wav(mic, np.concatenate([speech("Hi, I am testing the microphone.", rate=RATE),
+                                   np.zeros(RATE * 10, np.float32)]))
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={mic}"]
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(server.url)
+            await page.wait_for_function("document.querySelector('#avatar').options.length > 0")
+            await page.click("#start")
+            await page.wait_for_function(
+                "window.avatarClient.connected && window.avatarClient.framesDecoded > 25",
+                timeout=30_000)
+            t1 = await page.evaluate("window.avatarClient.videoTime")
+            await page.wait_for_function(f"window.avatarClient.videoTime > {t1} + 1.0",
+                                         timeout=5_000)  # the video plays, time advances
+            # live figures are on the page
+            await page.wait_for_function(
+                "document.querySelector('#fig-fps').textContent !== '–' && "
+                "document.querySelector('#fig-av').textContent !== '–'", timeout=10_000)
+            # wait for the microphone's silent stretch, then Say
+            await page.wait_for_function("window.avatarClient.audioLevelDb < -50", timeout=15_000)
+            await page.fill("#say-text", "Hello from the browser test, can you hear me?")
+            await page.click("#say")
+            await page.wait_for_function("window.avatarClient.audioLevelDb > -35", timeout=8_000)
+            fps = await page.evaluate("window.avatarClient.receivedFps")
+            assert fps > 15, f"received {fps:.1f} fps in the browser"
+            await page.screenshot(path=str(tmp_path / "console.png"))
+            await page.click("#interrupt")
+            await page.wait_for_function("window.avatarClient.audioLevelDb < -50", timeout=5_000)
+            await page.click("#stop")
+            await page.wait_for_function("!window.avatarClient.connected", timeout=5_000)
+            assert errors == [], errors
+            assert await page.evaluate("window.avatarClient.errors") == []
+        finally:
+            await browser.close()
