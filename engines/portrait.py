@@ -21,6 +21,7 @@ How a frame is made:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -319,19 +320,27 @@ def _smooth(x: float) -> float:
     return x * x * (3 - 2 * x)
 
 
+@functools.lru_cache(maxsize=1024)
+def _phases(seed: int, n: int) -> tuple[float, ...]:
+    return tuple(float(p) for p in np.random.default_rng(seed).uniform(0, 2 * np.pi, n))
+
+
 def _noise(t: float, seed: int, freqs: Sequence[float]) -> float:
     """Smooth deterministic noise in [-1, 1] (sum of incommensurate sines)."""
-    rng = np.random.default_rng(seed)
-    phases = rng.uniform(0, 2 * np.pi, len(freqs))
-    return float(sum(math.sin(2 * math.pi * f * t + p) for f, p in zip(freqs, phases, strict=True))
-                 / len(freqs))
+    phases = _phases(seed, len(freqs))
+    return sum(math.sin(2 * math.pi * f * t + p) for f, p in zip(freqs, phases, strict=True)) / len(
+        freqs)
+
+
+@functools.lru_cache(maxsize=64)
+def _blink_onsets(seed: int) -> np.ndarray:
+    """Blink onsets: a deterministic sequence per avatar, 2.5-6 s apart."""
+    return np.cumsum(np.random.default_rng(seed ^ 0x5EED).uniform(2.5, 6.0, 64))
 
 
 def _blink_amount(t: float, seed: int) -> float:
     """Blinks every 2.5-6 s: 70 ms to close, 130 ms to open."""
-    rng = np.random.default_rng(seed ^ 0x5EED)
-    # blink onsets are a deterministic sequence; find the one at or before t
-    period_starts = np.cumsum(rng.uniform(2.5, 6.0, 64))
+    period_starts = _blink_onsets(seed)
     cycle = float(period_starts[-1])
     tt = t % cycle
     i = int(np.searchsorted(period_starts, tt, side="right")) - 1

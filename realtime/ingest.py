@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,8 @@ from realtime.vad import VoiceActivity
 log = logging.getLogger(__name__)
 
 RESYNC_S = 0.06  # placement this far behind arrival restarts at the arrival (gap/stall)
-AHEAD_S = 0.03  # placement may run this far ahead of arrival (jitter) before it is clamped
+AHEAD_S = 0.1  # placement this far ahead of arrival (a burst) re-syncs
+SILENT_RESYNC_S = 0.005  # in silence, re-sync as soon as placement is this far ahead
 
 
 class MicIngest:
@@ -40,26 +42,38 @@ class MicIngest:
         self._to48 = av.AudioResampler(format="s16", layout="mono", rate=OUT_RATE)
         self.chunks = 0
         self.bad_frames = 0
+        self.lag_ms: deque[float] = deque(maxlen=200)  # arrival minus placed end
 
-    def place(self, duration: float, arrived: float) -> float:
+    def place(self, duration: float, arrived: float, voice: float) -> float:
         """Session pts of a chunk that ends about on arrival; keeps chunks contiguous.
 
-        Network jitter moves arrivals by a few ms either way: chunks stay back to
-        back unless placement would run more than ``AHEAD_S`` ahead of arrival (a
-        burst, or a sender clock running fast: clamp) or ``RESYNC_S`` behind it
-        (a gap or stall: restart at the arrival time).
+        Network jitter moves arrivals by a few ms either way, so chunks stay back
+        to back. Placement re-syncs to the arrival time when it has fallen more
+        than ``RESYNC_S`` behind (a gap or stall; the gap reads as silence), when
+        it runs more than ``AHEAD_S`` ahead (a burst), or when it is a little
+        ahead during silence, where skipping a few ms of audio is inaudible: so
+        a burst at start-up does not add latency for the rest of the session.
         """
         ideal = arrived - duration
-        if self._head is None or self._head < ideal - RESYNC_S:
+        head = self._head
+        if head is None or head < ideal - RESYNC_S or head > ideal + AHEAD_S:
+            start = ideal
+        elif head > ideal + SILENT_RESYNC_S and voice < 0.2:
             start = ideal
         else:
-            start = min(self._head, ideal + AHEAD_S)
+            start = head
         self._head = start + duration
         return start
 
     def push(self, ana: np.ndarray, out: np.ndarray, voice: float, arrived: float) -> float:
         """Put one decoded chunk on the timeline; returns its start pts."""
-        start = self.place(len(ana) / AUDIO_RATE, arrived)
+        previous = self._head
+        start = self.place(len(ana) / AUDIO_RATE, arrived, voice)
+        if previous is not None and start > previous:  # a gap: it must read as silence
+            gap = round((start - previous) * AUDIO_RATE)
+            self.timeline.write_mic(previous, np.zeros(gap, np.float32),
+                                    np.zeros(gap * 3, np.int16), 0.0, arrived)
+        self.lag_ms.append((arrived - start - len(ana) / AUDIO_RATE) * 1000)
         self.timeline.write_mic(start, ana, out, voice, arrived)
         self.chunks += 1
         self.on_audio()

@@ -29,8 +29,9 @@ class PlayoutStats:
         recent = [t for t in self.sent_at if t > now - 1.0]
         return float(len(recent))
 
-    def p95_latency_ms(self) -> float | None:
-        return float(np.percentile(self.latency_ms, 95)) if self.latency_ms else None
+    def latency_percentile_ms(self, q: float) -> float | None:
+        """Audio arrival to frame hand-off to the encoder, over recent frames."""
+        return float(np.percentile(self.latency_ms, q)) if self.latency_ms else None
 
 
 class Playout:

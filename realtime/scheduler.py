@@ -64,6 +64,8 @@ class SchedulerStats:
     clips_stale: int = 0
     keyframe_batches: int = 0
     render_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100))
+    margin_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100))  # done vs due
+    wait_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100))  # ready -> dispatched
 
     def render_ms_median(self) -> float:
         return float(np.median(self.render_ms)) if self.render_ms else 0.0
@@ -249,6 +251,7 @@ class CascadeScheduler:
         if len(frames) != self.n + 1:
             log.error("[%s] engine returned %d frames for a %d-frame sub-clip",
                       self.session_id, len(frames), self.n + 1)
+        self.stats.margin_ms.append((self.playout.due_time(i * self.n) - self.clock.now()) * 1000)
         for k, frame in enumerate(frames[: self.n]):
             self.playout.put(i * self.n + k, frame)
         self.stats.clips_rendered += 1

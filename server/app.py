@@ -94,10 +94,22 @@ class AvatarServer:
         loop = asyncio.get_running_loop()
         from realtime.tts import load_voice
 
-        await asyncio.gather(self.prepared(self.default_avatar),
-                             loop.run_in_executor(None, load_voice))
+        prepared, _, _ = (await asyncio.gather(self.prepared(self.default_avatar),
+                                               loop.run_in_executor(None, load_voice)))[0]
+        await loop.run_in_executor(self.executor, self._warm_up, prepared)
         self.ready = True
         log.info("ready: engine %s, avatar %s", self.engine.name, self.default_avatar)
+
+    def _warm_up(self, prepared: Any) -> None:
+        """Run every stage once so the first session does not pay for first calls."""
+        from engines.base import AUDIO_RATE, AudioSlice
+        from engines.storyline import default_shot
+
+        shot = default_shot(0.0, 1.0)
+        step = self.config.subclip_frames / self.engine.fps
+        kfs = self.engine.keyframes(prepared, [shot], [0.0, step])
+        audio = AudioSlice(start=-0.3, samples=np.zeros(round((0.3 + step) * AUDIO_RATE), np.float32))
+        self.engine.upscale(self.engine.subclip(prepared, kfs[0], kfs[1], audio, shot))
 
     async def shutdown(self, app: web.Application) -> None:
         await asyncio.gather(*(s.close() for s in list(self.sessions.values())),

@@ -272,7 +272,8 @@ class Session:
         v_lag = float(np.median(ps.send_lag_ms)) if ps.send_lag_ms else 0.0
         a_lag = float(np.median(self.audio.send_lag_ms)) if self.audio.send_lag_ms else 0.0
         shot = self.planner.current_shot(self.playing_pts())
-        p95 = ps.p95_latency_ms()
+        p95 = ps.latency_percentile_ms(95)
+        p50 = ps.latency_percentile_ms(50)
         sched = self.scheduler
         return {
             "type": "stats",
@@ -280,6 +281,7 @@ class Session:
             "t": round(now, 3),
             "fps": ps.fps(now),
             "latency_ms": round(p95, 1) if p95 is not None else None,
+            "latency_p50_ms": round(p50, 1) if p50 is not None else None,
             "pipeline_delay_ms": round(self.settings.delay_s * 1000, 1),
             "implied_latency_ms": round(sched.implied_latency_s() * 1000, 1),
             "av_offset_ms": round(v_lag - a_lag, 1),
@@ -289,6 +291,10 @@ class Session:
             "dropped_frames": ps.dropped,
             "clips_skipped": sched.stats.clips_skipped,
             "render_ms": round(sched.stats.render_ms_median(), 2),
+            "render_margin_ms": round(float(np.median(sched.stats.margin_ms)), 1)
+            if sched.stats.margin_ms else None,
+            "mic_lag_ms": round(float(np.median(self.ingest.lag_ms)), 1)
+            if self.ingest.lag_ms else None,
             "subclip_ms": round(sched.clip_s * 1000, 1),
             "workers": sched.config.workers,
             "speaking": self.timeline.speaking_tts(self.playing_pts()),
