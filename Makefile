@@ -39,4 +39,5 @@ test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.portrait_render
+	$(BIN)/python -m bench.live
