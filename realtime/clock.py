@@ -22,6 +22,18 @@ class Clock(Protocol):
         ...
 
 
+async def wait_until_or_event(clock: Clock, t: float, event: asyncio.Event) -> None:
+    """Return when ``event`` is set or ``clock`` reaches ``t``, whichever comes first."""
+    waiter = asyncio.ensure_future(event.wait())
+    sleeper = asyncio.ensure_future(clock.sleep_until(t))
+    try:
+        await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        sleeper.cancel()
+        await asyncio.gather(waiter, sleeper, return_exceptions=True)
+
+
 class LoopClock:
     """The real clock: the event loop's monotonic time, zeroed at creation."""
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from engines.director.base import Director, PlanRequest
 from engines.storyline import Shot, Storyline, Window, default_shot
-from realtime.clock import Clock
+from realtime.clock import Clock, wait_until_or_event
 from realtime.timeline import AudioTimeline
 
 log = logging.getLogger(__name__)
@@ -130,11 +130,4 @@ class RollingPlanner:
             self._wake.clear()
             await self.plan_ahead(self.clock.now() + lead_s + self.window_s)
             nxt = self._planned_until - lead_s - self.window_s
-            sleeper = asyncio.ensure_future(self.clock.sleep_until(nxt))
-            waiter = asyncio.ensure_future(self._wake.wait())
-            try:
-                await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                sleeper.cancel()
-                waiter.cancel()
-                await asyncio.gather(sleeper, waiter, return_exceptions=True)
+            await wait_until_or_event(self.clock, nxt, self._wake)

@@ -32,7 +32,7 @@ import numpy as np
 
 from engines.base import Engine, Keyframe
 from engines.storyline import Shot, default_shot
-from realtime.clock import Clock
+from realtime.clock import Clock, wait_until_or_event
 from realtime.playout import Playout
 from realtime.timeline import AudioTimeline
 
@@ -147,14 +147,7 @@ class CascadeScheduler:
             while not self._closed:
                 self._wake.clear()
                 deadline = self._step()
-                waiter = asyncio.ensure_future(self._wake.wait())
-                sleeper = asyncio.ensure_future(self.clock.sleep_until(deadline))
-                try:
-                    await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiter.cancel()
-                    sleeper.cancel()
-                    await asyncio.gather(waiter, sleeper, return_exceptions=True)
+                await wait_until_or_event(self.clock, deadline, self._wake)
         finally:
             await self.aclose()
 
