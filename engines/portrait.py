@@ -89,6 +89,7 @@ class PreparedPortrait:
     grid_y: np.ndarray
     roi: tuple[int, int, int, int]  # x0, y0, x1, y1: where the field is not zero
     seed: int
+    teeth: TeethPatch | None = None
     joins: dict[bytes, np.ndarray] = field(default_factory=dict)  # recent frames by controls
     joins_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -459,6 +460,7 @@ class PortraitEngine(Engine):
             basis=fields.reshape(len(CONTROLS), -1).astype(np.float32),
             point_basis=point_basis.astype(np.float32), base_x=base_x, base_y=base_y,
             grid_x=grid_x, grid_y=grid_y, roi=roi, seed=seed,
+            teeth=_teeth_patch(image, lm, face_h),
         )
 
     # 2. keyframes ---------------------------------------------------------------
@@ -545,13 +547,44 @@ class PortraitEngine(Engine):
         jaw = float(controls[IDX["jaw"]])
         if jaw > 0.02:
             offsets = (prepared.point_basis * controls[:, None, None]).sum(axis=0)
-            _draw_mouth(frame, prepared.landmarks[:, :2] + offsets, jaw, prepared.face_h)
+            _draw_mouth(frame, prepared.landmarks[:, :2] + offsets, jaw, prepared.face_h,
+                        prepared.teeth)
         return frame
 
 
-def _draw_mouth(frame: np.ndarray, pts: np.ndarray, jaw: float, face_h: float) -> None:
-    """Dark cavity with a hint of upper teeth inside the displaced inner lips."""
-    poly = np.concatenate([pts[UPPER_INNER], pts[LOWER_INNER[::-1]]])
+@dataclass(slots=True)
+class TeethPatch:
+    """The photo's own mouth interior (teeth) when the photo shows it."""
+
+    rgb: np.ndarray  # float32 (h, w, 3)
+    alpha: np.ndarray  # float32 (h, w)
+    offset: np.ndarray  # top-left corner relative to landmark 13 (upper inner lip centre)
+
+
+def _teeth_patch(image: np.ndarray, lm: np.ndarray, face_h: float) -> TeethPatch | None:
+    if float(np.linalg.norm(lm[13, :2] - lm[14, :2])) < 0.012 * face_h:
+        return None  # closed mouth in the photo: teeth are synthesized
+    poly = np.concatenate([lm[UPPER_INNER, :2], lm[LOWER_INNER[::-1], :2]])
+    x0, y0 = np.floor(poly.min(axis=0)).astype(int)
+    x1, y1 = np.ceil(poly.max(axis=0)).astype(int) + 1
+    mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.fillPoly(mask, [np.round((poly - [x0, y0]) * 4).astype(np.int32)], (255,), cv2.LINE_AA,
+                 shift=2)
+    mask = cv2.erode(mask, np.ones((2, 2), np.uint8))
+    alpha = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32) / 255.0
+    rgb = image[y0:y1, x0:x1].astype(np.float32)
+    return TeethPatch(rgb=rgb, alpha=alpha, offset=np.array([x0, y0], np.float32) - lm[13, :2])
+
+
+def _draw_mouth(frame: np.ndarray, pts: np.ndarray, jaw: float, face_h: float,
+                teeth_patch: TeethPatch | None = None) -> None:
+    """A mouth interior inside the displaced inner lips: cavity, tongue, upper teeth.
+
+    When the photo shows teeth, they stay with the upper lip and the cavity
+    opens below them; otherwise a soft band of teeth is synthesized.
+    """
+    ring = np.concatenate([pts[UPPER_INNER], pts[LOWER_INNER[::-1]]]).astype(np.float32)
+    poly = cv2.convexHull(ring).reshape(-1, 2)  # no self-crossing when the lips round
     x0, y0 = np.floor(poly.min(axis=0)).astype(int) - 3
     x1, y1 = np.ceil(poly.max(axis=0)).astype(int) + 4
     h, w = frame.shape[:2]
@@ -559,26 +592,45 @@ def _draw_mouth(frame: np.ndarray, pts: np.ndarray, jaw: float, face_h: float) -
     if x1 - x0 < 3 or y1 - y0 < 2:
         return
     roi = frame[y0:y1, x0:x1]
-    local = (poly - [x0, y0]) * 4  # 2 bits of sub-pixel precision
     mask = np.zeros(roi.shape[:2], np.uint8)
-    cv2.fillPoly(mask, [np.round(local).astype(np.int32)], (255,), cv2.LINE_AA, shift=2)
+    cv2.fillPoly(mask, [np.round((poly - [x0, y0]) * 4).astype(np.int32)], (255,), cv2.LINE_AA,
+                 shift=2)
     mask_f = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32) / 255.0
     strength = _smooth((jaw - 0.02) / 0.15)
     yy = np.arange(roi.shape[0], dtype=np.float32)[:, None]
+    xx = np.arange(roi.shape[1], dtype=np.float32)[None, :] + x0
     top = float(np.interp(pts[13, 0], pts[UPPER_INNER, 0], pts[UPPER_INNER, 1])) - y0
     bottom = float(pts[14, 1]) - y0
     gap = max(bottom - top, 1.0)
     depth = np.clip((yy - top) / gap, 0, 1)
-    cavity = np.empty_like(roi, dtype=np.float32)
-    cavity[..., 0] = 70 - 40 * depth
-    cavity[..., 1] = 22 - 12 * depth
-    cavity[..., 2] = 26 - 14 * depth
-    teeth_h = min(0.28 * gap, 0.035 * face_h)
-    teeth = np.clip((top + teeth_h - yy) / 1.5, 0, 1) * (yy >= top - 1)
-    mouth_w = float(pts[308, 0] - pts[78, 0])
-    xx = np.arange(roi.shape[1], dtype=np.float32)[None, :] + x0
-    cx = float(pts[13, 0])
-    teeth = teeth * np.clip(1.0 - np.abs(xx - cx) / max(0.36 * mouth_w, 1.0), 0, 1) ** 0.5
-    cavity = cavity * (1 - teeth[..., None]) + np.array([225, 220, 210], np.float32) * teeth[..., None]
+    mouth_w = max(float(pts[308, 0] - pts[78, 0]), 1.0)
+    across = np.clip(np.abs(xx - float(pts[13, 0])) / (0.5 * mouth_w), 0, 1)
+    shade = (1.0 - 0.45 * across**2) * (1.0 - 0.35 * np.sin(np.pi * depth))  # darker inside
+    cavity = np.empty(roi.shape, np.float32)
+    cavity[..., 0] = 92 * shade
+    cavity[..., 1] = 34 * shade
+    cavity[..., 2] = 38 * shade
+    tongue = np.clip((depth - 0.62) / 0.25, 0, 1) * (1 - across**2)
+    cavity = cavity * (1 - 0.6 * tongue[..., None]) + 0.6 * tongue[..., None] * np.array(
+        [150, 62, 66], np.float32)
+    if teeth_patch is None:
+        teeth_h = min(0.3 * gap, 0.04 * face_h)
+        band = np.clip((top + teeth_h - yy) / 1.5, 0, 1) * (yy >= top - 1)
+        band = band * np.clip(1.0 - across**2 / 0.55, 0, 1) ** 0.5
+        tooth = np.array([226, 222, 212], np.float32) * (0.85 + 0.15 * (1 - across[..., None]))
+        cavity = cavity * (1 - band[..., None]) + tooth * band[..., None]
+    else:
+        tp = teeth_patch
+        ox, oy = np.round(pts[13] + tp.offset).astype(int) - [x0, y0]
+        ph, pw = tp.alpha.shape
+        # paste the photo's teeth where they overlap the roi
+        sx0, sy0 = max(0, -ox), max(0, -oy)
+        dx0, dy0 = max(0, ox), max(0, oy)
+        cw = min(pw - sx0, roi.shape[1] - dx0)
+        ch = min(ph - sy0, roi.shape[0] - dy0)
+        if cw > 0 and ch > 0:
+            a = tp.alpha[sy0:sy0 + ch, sx0:sx0 + cw, None]
+            region = cavity[dy0:dy0 + ch, dx0:dx0 + cw]
+            region[:] = region * (1 - a) + tp.rgb[sy0:sy0 + ch, sx0:sx0 + cw] * a
     alpha = (mask_f * strength)[..., None]
     roi[:] = (roi * (1 - alpha) + cavity * alpha).astype(np.uint8)
