@@ -570,8 +570,8 @@ def _teeth_patch(image: np.ndarray, lm: np.ndarray, face_h: float) -> TeethPatch
     mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
     cv2.fillPoly(mask, [np.round((poly - [x0, y0]) * 4).astype(np.int32)], (255,), cv2.LINE_AA,
                  shift=2)
-    mask = cv2.erode(mask, np.ones((2, 2), np.uint8))
-    alpha = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32) / 255.0
+    inner = cv2.erode(mask, np.ones((2, 2), np.uint8))
+    alpha = cv2.GaussianBlur(inner, (3, 3), 0).astype(np.float32) / 255.0
     rgb = image[y0:y1, x0:x1].astype(np.float32)
     return TeethPatch(rgb=rgb, alpha=alpha, offset=np.array([x0, y0], np.float32) - lm[13, :2])
 
