@@ -33,7 +33,7 @@ import numpy as np
 
 from engines.base import AudioSlice, Avatar, Engine, Keyframe
 from engines.face import analyse_face
-from engines.storyline import EmotionLabel, GazeTarget, GestureKind, Shot, default_shot
+from engines.storyline import GazeTarget, GestureKind, Shot, default_shot, shot_face
 from engines.visemes import audio_controls
 
 log = logging.getLogger(__name__)
@@ -291,29 +291,12 @@ def _head_mask(lm: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # Motion: the blueprint controls as smooth functions of time and the plan.
 # --------------------------------------------------------------------------- #
 
-_EMOTION_FACE = {
-    EmotionLabel.neutral: (0.0, 0.0, 0.0, 0.0),
-    EmotionLabel.happy: (0.7, 0.25, 0.0, 0.05),
-    EmotionLabel.sad: (-0.45, 0.0, 0.55, -0.15),
-    EmotionLabel.angry: (-0.3, 0.0, 0.9, 0.05),
-    EmotionLabel.surprised: (0.1, 0.9, 0.0, 0.25),
-    EmotionLabel.fearful: (-0.2, 0.6, 0.4, 0.2),
-    EmotionLabel.disgusted: (-0.4, 0.0, 0.6, -0.15),
-    EmotionLabel.thoughtful: (0.0, 0.15, 0.3, -0.1),
-}
 TRANSITION_S = 0.5  # expression changes ease over this long after a shot boundary
 
 
 def _shot_face(shot: Shot) -> np.ndarray:
     """(smile, brow_raise, brow_frown, eye_wide) targets of a shot."""
-    e = _EMOTION_FACE[shot.emotion.label]
-    k = shot.emotion.intensity
-    ex = shot.expression
-    smile = float(np.clip(ex.smile + k * e[0], -1, 1))
-    raise_ = float(np.clip(ex.brow_raise + k * e[1], 0, 1))
-    frown = float(np.clip(ex.brow_frown + k * e[2], 0, 1))
-    wide = float(np.clip(ex.eye_openness - 1.0 + k * e[3], -0.7, 0.3))
-    return np.array([smile, raise_, frown, wide])
+    return np.array(shot_face(shot))
 
 
 def _smooth(x: float) -> float:

@@ -30,12 +30,16 @@ class Emotion(BaseModel):
 
 
 class Expression(BaseModel):
-    """Continuous expression controls, each in [-1, 1] or [0, 1]."""
+    """Expression controls on top of the emotion's own face (see ``shot_face``).
+
+    ``smile``, ``brow_raise`` and ``brow_frown`` are offsets added to what the
+    emotion implies; ``eye_openness`` scales the eyes (1 is the photo's own).
+    """
 
     model_config = ConfigDict(extra="forbid")
-    smile: float = Field(0.0, ge=-1.0, le=1.0, description="mouth corners: -1 down, +1 up")
-    brow_raise: float = Field(0.0, ge=0.0, le=1.0)
-    brow_frown: float = Field(0.0, ge=0.0, le=1.0)
+    smile: float = Field(0.0, ge=-2.0, le=2.0, description="mouth corners: - down, + up")
+    brow_raise: float = Field(0.0, ge=-1.0, le=1.0)
+    brow_frown: float = Field(0.0, ge=-1.0, le=1.0)
     eye_openness: float = Field(1.0, ge=0.3, le=1.3, description="1 is the photo's own")
 
 
@@ -109,6 +113,34 @@ class Storyline(BaseModel):
                 if shot.covers(t):
                     return shot
         return None
+
+
+EMOTION_FACE: dict[EmotionLabel, tuple[float, float, float, float]] = {
+    EmotionLabel.neutral: (0.0, 0.0, 0.0, 0.0),
+    EmotionLabel.happy: (0.7, 0.25, 0.0, 0.05),
+    EmotionLabel.sad: (-0.45, 0.0, 0.55, -0.15),
+    EmotionLabel.angry: (-0.3, 0.0, 0.9, 0.05),
+    EmotionLabel.surprised: (0.1, 0.9, 0.0, 0.25),
+    EmotionLabel.fearful: (-0.2, 0.6, 0.4, 0.2),
+    EmotionLabel.disgusted: (-0.4, 0.0, 0.6, -0.15),
+    EmotionLabel.thoughtful: (0.0, 0.15, 0.3, -0.1),
+}
+"""(smile, brow_raise, brow_frown, eye_wide) of each emotion at full intensity."""
+
+
+def shot_face(shot: Shot) -> tuple[float, float, float, float]:
+    """The face a shot asks for: (smile -1..1, brow_raise 0..1, brow_frown 0..1, eye_wide -0.7..0.3).
+
+    The emotion's face scaled by its intensity, plus the expression offsets.
+    """
+    e = EMOTION_FACE[shot.emotion.label]
+    k = shot.emotion.intensity
+    ex = shot.expression
+    smile = min(max(ex.smile + k * e[0], -1.0), 1.0)
+    raise_ = min(max(ex.brow_raise + k * e[1], 0.0), 1.0)
+    frown = min(max(ex.brow_frown + k * e[2], 0.0), 1.0)
+    wide = min(max(ex.eye_openness - 1.0 + k * e[3], -0.7), 0.3)
+    return smile, raise_, frown, wide
 
 
 def default_shot(start: float, end: float) -> Shot:

@@ -22,6 +22,7 @@ from realtime.timeline import AudioTimeline
 log = logging.getLogger(__name__)
 
 MAX_INSTRUCTIONS = 20
+RECENT_AUDIO_S = 3.0  # live audio the director hears when it plans ahead of it
 
 
 class RollingPlanner:
@@ -60,11 +61,22 @@ class RollingPlanner:
 
     # --- planning ------------------------------------------------------------------
     async def _plan(self, start: float, end: float) -> Window:
-        text = " ".join(tx for a, b, tx in self._texts if a < end and b > start) or None
-        audio = self.timeline.slice(start, end).samples if self.timeline.known(start, end) \
-            else np.zeros(0, np.float32)
+        utterances = [(a, b, tx) for a, b, tx in self._texts if a < end and b > start]
+        text = " ".join(tx for _, _, tx in utterances) or None
+        recent = np.zeros(0, np.float32)
+        recent_start = 0.0
+        if self.timeline.known(start, end):
+            audio = self.timeline.slice(start, end).samples
+        else:
+            audio = np.zeros(0, np.float32)
+            # planned ahead of live audio: the latest audio that has arrived
+            head = min(self.timeline.mic_head, start)
+            recent_start = max(0.0, head - RECENT_AUDIO_S)
+            if head > recent_start:
+                recent = self.timeline.slice(recent_start, head).samples
         req = PlanRequest(
             session_id=self.session_id, start=start, end=end, audio=audio, text=text,
+            utterances=utterances, recent_audio=recent, recent_start=recent_start,
             instructions=list(self.instructions), history=self.storyline.windows[-4:],
             avatar_image=self.avatar_image, avatar_id=self.avatar_id,
         )

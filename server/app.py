@@ -54,7 +54,7 @@ class ServerConfig(BaseModel):
     subclip_frames: int = Field(2, ge=1)
     workers: int = Field(1, ge=1)
     render_threads: int = Field(2, ge=1)
-    director: str = "static"
+    director: str = "embedded"
     director_timeout_s: float = Field(1.5, gt=0)
 
     def requires_token(self) -> bool:
@@ -94,11 +94,22 @@ class AvatarServer:
         loop = asyncio.get_running_loop()
         from realtime.tts import load_voice
 
-        prepared, _, _ = (await asyncio.gather(self.prepared(self.default_avatar),
-                                               loop.run_in_executor(None, load_voice)))[0]
-        await loop.run_in_executor(self.executor, self._warm_up, prepared)
+        (prepared, image, _), _ = await asyncio.gather(self.prepared(self.default_avatar),
+                                                       loop.run_in_executor(None, load_voice))
+        await asyncio.gather(loop.run_in_executor(self.executor, self._warm_up, prepared),
+                             self._warm_up_director(image))
         self.ready = True
         log.info("ready: engine %s, avatar %s", self.engine.name, self.default_avatar)
+
+    async def _warm_up_director(self, image: np.ndarray) -> None:
+        """Load the director's models now; a failure is logged, sessions plan without it."""
+        director = self.director_factory()
+        try:
+            await director.warm_up(image, self.default_avatar)
+        except Exception as exc:  # e.g. an LLM endpoint that is down: windows fall back
+            log.warning("director %s warm-up failed: %s: %s", director.name, type(exc).__name__, exc)
+        finally:
+            await director.aclose()
 
     def _warm_up(self, prepared: Any) -> None:
         """Run every stage once so the first session does not pay for first calls."""

@@ -31,7 +31,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--subclip-frames", type=int, default=2)
     p.add_argument("--workers", type=int, default=1, help="parallel sub-clips per session")
     p.add_argument("--render-threads", type=int, default=max(1, (os.cpu_count() or 2)))
-    p.add_argument("--director", default="static")
+    p.add_argument("--director", default="embedded", choices=["embedded", "llm", "static"],
+                   help="who plans the storyline: embedded analysers (default), an LLM, or static")
+    p.add_argument("--llm-url", help="llm director: OpenAI-compatible base URL, e.g. http://HOST:8000/v1")
+    p.add_argument("--llm-model", default="local", help="llm director: model name")
+    p.add_argument("--llm-key", default=os.environ.get("AVATAR_LLM_KEY"),
+                   help="llm director: API key (or AVATAR_LLM_KEY)")
+    p.add_argument("--llm-timeout", type=float, default=8.0,
+                   help="llm director: seconds per window before the embedded director takes over")
+    p.add_argument("--llm-rounds", type=int, default=2, help="llm director: rounds of expert exchange")
     p.add_argument("--weights", type=Path, help="dit: local checkpoint folder")
     p.add_argument("--random-weights", action="store_true",
                    help="dit: random weights, for throughput tests only")
@@ -67,11 +75,14 @@ def serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), data_dir=args.data_dir,
         token=args.token, delay_ms=args.delay_ms, subclip_frames=args.subclip_frames,
         workers=args.workers, render_threads=args.render_threads, director=args.director,
+        director_timeout_s=args.llm_timeout + 2.0 if args.director == "llm" else 1.5,
     )
     from server.directors import director_factory
 
     try:
-        factory = director_factory(args.director)
+        factory = director_factory(args.director, llm_url=args.llm_url, llm_model=args.llm_model,
+                                   llm_key=args.llm_key, llm_timeout_s=args.llm_timeout,
+                                   llm_rounds=args.llm_rounds)
     except ValueError as exc:
         log.error("%s", exc)
         return 2

@@ -298,7 +298,9 @@ class Session:
             "subclip_ms": round(sched.clip_s * 1000, 1),
             "workers": sched.config.workers,
             "speaking": self.timeline.speaking_tts(self.playing_pts()),
+            "director": self.planner.director.name,
             "director_failures": self.planner.failures,
+            "director_fallbacks": getattr(getattr(self.planner.director, "stats", None), "fallbacks", 0),
             "instructions": len(self.planner.instructions),
             "shot": shot.model_dump(mode="json") if shot is not None else None,
         }
@@ -319,6 +321,10 @@ class Session:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.scheduler.aclose()
+        try:
+            await self.planner.director.aclose()
+        except Exception:  # a director that cannot close cleanly must not keep the session
+            log.exception("[%s] director close failed", self.id)
         self.video.stop()
         self.audio.stop()
         await self.pc.close()

@@ -17,7 +17,10 @@ class PlanRequest:
     ``audio`` is 16 kHz mono float32 for the window as far as it has arrived
     (the whole window for Say text and uploads, maybe nothing for live
     microphone audio planned ahead). ``text`` is the Say text that the window
-    speaks, when the speech came from text. ``instructions`` are the host's
+    speaks, when the speech came from text; ``utterances`` are the Say texts
+    overlapping the window with the pts span each is spoken in. When the
+    window's own audio has not arrived, ``recent_audio`` is the latest audio
+    that has (starting at ``recent_start``). ``instructions`` are the host's
     standing instructions, oldest first. ``history`` is the storyline so far.
     """
 
@@ -26,6 +29,9 @@ class PlanRequest:
     end: float
     audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     text: str | None = None
+    utterances: list[tuple[float, float, str]] = field(default_factory=list)  # Say text spans
+    recent_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    recent_start: float = 0.0  # pts of recent_audio[0]
     instructions: list[str] = field(default_factory=list)
     history: list[Window] = field(default_factory=list)
     avatar_image: np.ndarray | None = None  # RGB uint8 reference portrait
@@ -43,6 +49,13 @@ class Director(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release resources (HTTP sessions, model handles)."""
+
+    async def warm_up(self, avatar_image: np.ndarray | None, avatar_id: str = "") -> None:
+        """Load what the first window needs, before the first session (optional)."""
+        await self.plan_window(PlanRequest(session_id="warm-up", start=0.0, end=2.0,
+                                           text="Hello there.", utterances=[(0.0, 1.0, "Hello there.")],
+                                           instructions=["be cheerful"], avatar_image=avatar_image,
+                                           avatar_id=avatar_id))
 
 
 class StaticDirector(Director):
