@@ -314,7 +314,7 @@ class EmbeddedDirector(Director):
     def _rationale(shot: Shot, board: list[Proposal], conflicts: list[str], changed: list[str],
                    ev: Evidence) -> str:
         parts = [f"{shot.emotion.label.value} {shot.emotion.intensity:.2f}"]
-        parts += [f"{p.expert}: {p.rationale}" for p in board if p.rationale and p.confidence > 0]
+        parts += [f"{p.expert}: {p.rationale}" for p in board if p.rationale]
         parts += conflicts
         parts += [f"limit: {c}" for c in changed]
         return "; ".join(parts)

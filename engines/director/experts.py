@@ -297,7 +297,7 @@ class TextExpert:
         if not any([emotion, d.head_motion is not None, gestures, d.gaze, d.framing, smile, brow,
                     d.eye_openness]):
             return Proposal(expert=self.name, priority=Priority.INSTRUCTION, confidence=0.0,
-                            rationale="no standing instructions apply")
+                            rationale="")
         return Proposal(
             expert=self.name, priority=Priority.INSTRUCTION, confidence=0.9,
             emotion=emotion[0] if emotion else None,

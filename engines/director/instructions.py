@@ -147,7 +147,7 @@ def _trigger(clause: str) -> str | None:
         return None
     rest = m.group(1)
     for key, trig in TRIGGERS.items():
-        if key in rest:
+        if re.search(rf"\b{key}", rest):
             return trig
     return "topic:" + rest.strip()
 

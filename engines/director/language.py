@@ -336,7 +336,7 @@ def lexicon_scores(toks: list[str]) -> tuple[dict[EmotionLabel, float], list[str
         if negated:
             notes.append(f"negated '{t}'")
             if label == E.happy:
-                out[E.sad] += 0.6 * weight
+                out[E.sad] += 1.0 * weight
             elif label in (E.sad, E.angry, E.fearful, E.disgusted):
                 out[E.neutral] += 0.6 * weight
             # the embedding still hears the word: outweigh it
@@ -369,6 +369,11 @@ def read_line(text: str) -> Reading:
         # relative to the line's own baseline: how much closer to each label than to neutral
         base = emb[E.neutral]
         scores = {label: (emb[label] - base) + 0.10 * lex[label] for label in PROTOTYPES}
+        if any(abs(v) > 0 for v in lex.values()):
+            # the line has explicit emotion words: labels with no word for them count half
+            scores = {label: v * 0.5 if lex[label] == 0 and v > 0 else v for label, v in scores.items()}
+            # a negated word's label cannot win on the embedding, which still hears the word
+            scores = {label: min(v, 0.0) if lex[label] < 0 else v for label, v in scores.items()}
         scores[E.neutral] = 0.02 + 0.10 * lex[E.neutral]
     else:
         notes.append("not English: lexicon only")
