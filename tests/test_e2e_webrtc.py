@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from engines.face import NoFaceError, analyse_face, mouth_opening
+from engines.face import NoFaceError, analyse_face, mouth_corner_lift, mouth_opening
 from server.peer import RATE, AvatarPeer
 from tests.conftest import RunningServer
 from tests.helpers import envelope, speech
@@ -115,6 +115,39 @@ async def test_say_speaks_and_interrupt_cuts_it_off(server: RunningServer) -> No
         assert after and max(np.abs(x).max() for x in after) < 200, "speech went on after Interrupt"
     finally:
         await peer.close()
+
+
+async def test_an_instruction_mid_stream_changes_the_video_within_a_window(server: RunningServer) -> None:
+    peer = AvatarPeer(server.url)
+    try:
+        await peer.connect()
+        await peer.wait_open()
+        await peer.wait_until(lambda: len(peer.got.video) > 50, 10, "2 s of video")
+        peer.send({"type": "instruct", "text": "be cheerful"})
+        sent_at = time.perf_counter()
+        await peer.wait_until(lambda: bool(peer.messages("ack")), 3, "the instruct ack")
+        window_s = 2.0
+        await peer.wait_until(lambda: peer.got.video[-1][0] > sent_at + window_s + 1.0, window_s + 5,
+                              "video a window after the instruction")
+        await peer.wait_until(lambda: any(m.get("shot") and m["shot"]["emotion"]["label"] == "happy"
+                                          for m in peer.messages("stats")), 3, "stats showing the plan")
+    finally:
+        await peer.close()
+
+    def lift(frames: list[np.ndarray]) -> float:
+        values = []
+        for frame in frames:
+            try:
+                values.append(mouth_corner_lift(analyse_face(frame).landmarks))
+            except NoFaceError:
+                pass
+        return float(np.median(values))
+
+    before = lift([f for t, f in peer.got.video if t < sent_at][-25:])
+    after = lift([f for t, f in peer.got.video if sent_at + window_s <= t <= sent_at + window_s + 1.0])
+    assert after > before + 0.005, f"mouth corners {before:.4f} before, {after:.4f} a window after"
+    shot = next(m["shot"] for m in reversed(peer.messages("stats")) if m.get("shot"))
+    assert shot["negative_prompt"] and shot["rationale"], "the page can show what was decided and why"
 
 
 async def test_sessions_are_listed_and_deleted(server: RunningServer) -> None:

@@ -131,7 +131,10 @@ function onStats(s) {
   if (s.shot) {
     const sh = s.shot;
     const gestures = sh.gestures.map((g) => `${g.kind}@${g.at.toFixed(1)}s`).join(", ") || "none";
+    const fallbacks = s.director_fallbacks ? `, ${s.director_fallbacks} fallbacks` : "";
     $("shot").textContent =
+      `director: ${s.director || "-"} (${s.instructions} instructions${fallbacks})\n` +
+      `shot: ${sh.start.toFixed(1)}-${sh.end.toFixed(1)}s\n` +
       `emotion: ${sh.emotion.label} (${sh.emotion.intensity.toFixed(2)})\n` +
       `gestures: ${gestures}\ngaze: ${sh.gaze}, head motion ${sh.head_motion.toFixed(2)}\n` +
       `negative: ${sh.negative_prompt || "-"}\nwhy: ${sh.rationale || "-"}`;
