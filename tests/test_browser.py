@@ -68,6 +68,13 @@ async def test_host_console_in_chromium(server: RunningServer, tmp_path: Path) -
             await page.wait_for_function("window.avatarClient.audioLevelDb > -35", timeout=8_000)
             fps = await page.evaluate("window.avatarClient.receivedFps")
             assert fps > 15, f"received {fps:.1f} fps in the browser"
+            # an instruction: the director's view on the page shows the new plan
+            await page.fill("#instruct-text", "be cheerful and nod when you agree")
+            await page.click("#instruct")
+            await page.wait_for_function(
+                "document.querySelector('#shot').textContent.includes('emotion: happy')", timeout=8_000)
+            shot_view = await page.text_content("#shot")
+            assert shot_view is not None and "director: embedded" in shot_view and "negative:" in shot_view
             await page.screenshot(path=str(tmp_path / "console.png"))
             await page.click("#interrupt")
             await page.wait_for_function("window.avatarClient.audioLevelDb < -50", timeout=5_000)
