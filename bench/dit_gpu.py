@@ -26,17 +26,18 @@ import logging
 import math
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from engines.dit.backend import compiled_forward
 from engines.dit.config import parse_dtype, preset
 from engines.dit.loading import random_components
 from engines.dit.model import AudioCondition, AvatarDiT
 from engines.dit.video import LatentCodec
+from trt_build.timing import timer
 
 logger = logging.getLogger(__name__)
 
@@ -77,22 +78,6 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    def run(fn: Callable[[], object]) -> float:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return float(start.elapsed_time(end))
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1000
-
-    return run
-
-
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -118,7 +103,7 @@ def measure(args: argparse.Namespace) -> list[Row]:
     codec = LatentCodec(components.vae)
     text_len = preset(args.config).text_length
     text_dim = int(dit.backbone.config.text_dim)
-    time_ms = _timer(device)
+    time_ms = timer(device)
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     peak = args.peak_tflops or peak
     rows: list[Row] = []
@@ -191,26 +176,17 @@ def measure(args: argparse.Namespace) -> list[Row]:
 def _compiled(
     dit: AvatarDiT, mode: str
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AudioCondition], torch.Tensor]:
-    def eager(
-        x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, audio: AudioCondition
-    ) -> torch.Tensor:
-        return dit(x, t, text, audio=audio).sample
+    # cudagraphs: inductor + CUDA graphs, static shapes per size
+    modes = {"eager": None, "compile": "default", "cudagraphs": "reduce-overhead"}
+    if mode not in modes:
+        raise SystemExit(f"--modes: unknown mode {mode!r} (eager, compile, cudagraphs)")
+    compile_mode = modes[mode]
+    forward = dit.__call__ if compile_mode is None else compiled_forward(dit, compile_mode, dynamic=False)
 
-    if mode == "eager":
-        return eager
-    if mode == "compile":
-        return torch.compile(eager, fullgraph=False, dynamic=False)  # type: ignore[return-value]
-    if mode == "cudagraphs":  # inductor + CUDA graphs: static shapes per size
-        compiled = torch.compile(eager, mode="reduce-overhead", fullgraph=False, dynamic=False)
+    def step(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, audio: AudioCondition) -> torch.Tensor:
+        return forward(x, t, text, audio=audio).sample
 
-        def step(
-            x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, audio: AudioCondition
-        ) -> torch.Tensor:
-            torch.compiler.cudagraph_mark_step_begin()
-            return compiled(x, t, text, audio)  # type: ignore[no-any-return]
-
-        return step
-    raise SystemExit(f"--modes: unknown mode {mode!r} (eager, compile, cudagraphs)")
+    return step
 
 
 def format_table(rows: Sequence[Row], header: str) -> str:

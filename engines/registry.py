@@ -10,7 +10,8 @@ ENGINES = ("portrait", "dit")
 
 
 def create_engine(name: str, *, weights: Path | None = None, random_weights: bool = False,
-                  device: str = "cpu", dtype: str = "bf16") -> Engine:
+                  device: str = "cpu", dtype: str = "bf16", dit_backend: str = "auto",
+                  trt_engines: Path | None = None) -> Engine:
     """Build an engine; ``ValueError`` with what to pass when it cannot start."""
     if name == "portrait":
         from engines.portrait import PortraitEngine
@@ -22,5 +23,5 @@ def create_engine(name: str, *, weights: Path | None = None, random_weights: boo
         except ImportError as exc:
             raise ValueError(f"the dit engine is not available in this install: {exc}") from exc
         return build_dit_engine(weights, random_weights=random_weights, device=device,
-                                dtype=dtype)
+                                dtype=dtype, backend=dit_backend, trt_engines=trt_engines)
     raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")

@@ -38,12 +38,20 @@ def build_dit_engine(
     device: str = "cpu",
     dtype: str = "bf16",
     config: str = "1.3b",
+    backend: str = "auto",
+    trt_engines: pathlib.Path | None = None,
 ) -> DitEngine:
     """The ``dit`` engine from a local weights folder, or with random weights.
 
     ``config`` picks the preset sizes for ``random_weights`` (``tiny`` or
-    ``1.3b``); with ``weights`` the folder's own configs decide.
+    ``1.3b``); with ``weights`` the folder's own configs decide. ``backend``
+    and ``trt_engines`` choose how each stage runs (see
+    :func:`engines.dit.backend.select_backends`).
     """
+    from engines.dit.backend import BACKENDS, select_backends
+
+    if backend not in BACKENDS:
+        raise ValueError(f"--dit-backend {backend!r} is not one of {', '.join(BACKENDS)}")
     torch_dtype = parse_dtype(dtype)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} is not available on this machine: pass --device cpu")
@@ -56,5 +64,9 @@ def build_dit_engine(
                 "engine.json, vae/, blueprint/, subclip/, audio_adapter/ and text_encoder/ or "
                 "prompt_embeds.safetensors), or --random-weights for a throughput test only"
             )
-        return DitEngine(random_components(config, dtype=torch_dtype, device=device), random_weights=True)
-    return DitEngine(load_components(pathlib.Path(weights), dtype=torch_dtype, device=device))
+        engine = DitEngine(random_components(config, dtype=torch_dtype, device=device), random_weights=True)
+    else:
+        engine = DitEngine(load_components(pathlib.Path(weights), dtype=torch_dtype, device=device))
+    choices = select_backends(engine.parts, backend=backend, engines_dir=trt_engines, device=device)
+    engine.use_backends(choices)
+    return engine

@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from engines.base import AudioSlice, Avatar, Engine, Keyframe
+from engines.dit.backend import BackendChoice
 from engines.dit.conditioning import audio_span, latent_frame_centres, window_features
 from engines.dit.loading import DitComponents
-from engines.dit.model import AvatarDiT
+from engines.dit.model import AvatarDiT, DiTOutput
 from engines.dit.sampler import SamplerConfig, sample
 from engines.dit.video import LatentCodec, fit_image, frames_to_video, video_to_frames
 from engines.storyline import Shot, default_shot
@@ -109,8 +110,19 @@ class DitEngine(Engine):
         self.latent_hw = (h // s, w // s)
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._text_lock = threading.Lock()
+        self.forwards: dict[str, Callable[..., DiTOutput]] = {}
+        self.backends: dict[str, str] = {}
         if random_weights:
             logger.warning("dit engine runs with %s", RANDOM_WEIGHTS_BANNER)
+
+    def use_backends(self, choices: Mapping[str, BackendChoice]) -> None:
+        """Run stages on the backends :func:`engines.dit.backend.select_backends` chose."""
+        for stage, choice in choices.items():
+            self.backends[stage] = choice.backend
+            if stage == "vae_decoder":
+                self.codec.decoder = choice.forward if choice.backend != "eager" else None
+            else:
+                self.forwards[stage] = choice.forward
 
     def banner(self) -> str | None:
         return RANDOM_WEIGHTS_BANNER if self.random_weights else None
@@ -208,6 +220,7 @@ class DitEngine(Engine):
             self.sampler,
             negative_text=negative,
             image_embeds=self.image_embeds_for(self.parts.blueprint, [prepared.image]),
+            forward=self.forwards.get("blueprint"),
         )
         latents = result.latents[:, :, 1:]
         images = self.codec.decode_images(latents)
@@ -290,6 +303,7 @@ class DitEngine(Engine):
             negative_text=negative,
             audio=audio_cond,
             image_embeds=self.image_embeds_for(self.parts.subclip, [first_img, last_img]),
+            forward=self.forwards.get("subclip"),
         )
         # 4. decode, resample 1 + 4k frames to n + 1, and pin both ends to the keyframes
         decoded = video_to_frames(self.codec.decode(result.latents)[0])
@@ -321,5 +335,6 @@ class DitEngine(Engine):
         noise = self._noise(tuple(cond.shape), _seed(self.config.seed, "sr", len(frames)))
         text = self._text([""])
         config = SamplerConfig(self.config.sr_steps, self.sampler.shift, 1.0)
-        result = sample(sr, noise, cond, text, config, image_embeds=self.image_embeds_for(sr, [frames[0]]))
+        result = sample(sr, noise, cond, text, config, image_embeds=self.image_embeds_for(sr, [frames[0]]),
+                        forward=self.forwards.get("sr"))
         return video_to_frames(self.codec.decode(result.latents)[0])[: len(frames)]

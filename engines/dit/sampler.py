@@ -12,12 +12,13 @@ skipped when ``guidance_scale == 1`` (CFG-distilled checkpoints).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from engines.dit.model import AudioCondition, AvatarDiT
+from engines.dit.model import AudioCondition, AvatarDiT, DiTOutput
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def sample(
     negative_text: torch.Tensor | None = None,
     audio: AudioCondition | None = None,
     image_embeds: torch.Tensor | None = None,
+    forward: Callable[..., DiTOutput] | None = None,
 ) -> SampleResult:
     """Denoise ``noise`` ``(B, C, F, H, W)`` from sigma 1 to 0.
 
@@ -74,6 +76,7 @@ def sample(
     latents for super-resolution). With several characters and no explicit
     masks, the gates of each step are the masks the head predicted at the step
     before (a first forward without audio predicts the masks for step one).
+    ``forward`` runs the model in its place (a TensorRT engine, ``torch.compile``).
     """
     cfg_on = config.guidance_scale != 1.0
     if cfg_on and negative_text is None:
@@ -83,6 +86,7 @@ def sample(
     n_chars = audio.tokens.shape[1] if audio is not None else 0
     predict = audio is not None and audio.masks is None and n_chars > 1
     dtype = model.dtype
+    run = forward or model
 
     def model_input(latents: torch.Tensor) -> torch.Tensor:
         inp = latents if condition is None else torch.cat([latents, condition], dim=1)
@@ -91,7 +95,7 @@ def sample(
     mask_logits = None
     if predict:  # masks for the first step, from a forward without audio
         t0 = torch.full((x.shape[0],), 1000.0, device=x.device)
-        probe = model(
+        probe = run(
             model_input(x),
             t0,
             text.to(dtype),
@@ -119,7 +123,7 @@ def sample(
                     None if m is None else torch.cat([m, m]),
                 )
         t = torch.full((inp.shape[0],), sigma * 1000.0, device=x.device)
-        out = model(inp, t, ctx, audio=step_audio, encoder_hidden_states_image=img, predict_masks=predict)
+        out = run(inp, t, ctx, audio=step_audio, encoder_hidden_states_image=img, predict_masks=predict)
         v = out.sample.float()
         if cfg_on:
             v_pos, v_neg = v.chunk(2)

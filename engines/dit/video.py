@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -50,6 +50,8 @@ class LatentCodec:
         p = next(vae.parameters())
         self.mean = torch.tensor(vae.config.latents_mean, device=p.device).view(1, z, 1, 1, 1)
         self.std = torch.tensor(vae.config.latents_std, device=p.device).view(1, z, 1, 1, 1)
+        self.decoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """Runs in place of ``vae.decode`` on raw latents (a TensorRT engine), when set."""
 
     @property
     def device(self) -> torch.device:
@@ -67,6 +69,8 @@ class LatentCodec:
         """Normalised latents -> ``(B, 3, T, H, W)`` in [-1, 1]."""
         dtype = next(self.vae.parameters()).dtype
         raw = latents.float().to(self.device) * self.std + self.mean
+        if self.decoder is not None:
+            return self.decoder(raw.to(dtype)).float()
         return self.vae.decode(raw.to(dtype)).sample.float()
 
     def encode_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
