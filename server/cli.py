@@ -45,6 +45,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="dit: random weights, for throughput tests only")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--dit-backend", default="auto", choices=["auto", "tensorrt", "compile", "eager"],
+                   help="dit: per stage a TensorRT engine, else torch.compile (GPU), else eager (auto)")
+    p.add_argument("--trt-engines", type=Path, help="dit: TensorRT engine folder (avatar trt build)")
     p.add_argument("--consent-interval", type=float, default=2.0,
                    help="seconds between ICE consent checks")
     p.add_argument("--consent-failures", type=int, default=5,
@@ -63,7 +66,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         engine = create_engine(args.engine, weights=args.weights,
                                random_weights=args.random_weights, device=args.device,
-                               dtype=args.dtype)
+                               dtype=args.dtype, dit_backend=args.dit_backend,
+                               trt_engines=args.trt_engines)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
