@@ -6,12 +6,15 @@ ahead); an empty line is two seconds of silence. The main shot (the longest
 speaking one, else the longest) is checked against the case's expectations.
 
 Latency is measured separately, as the live loop sees it: each utterance is
-planned in 2-second windows, with the words known (Say) and, with
-``--whisper``, from the audio alone (microphone: a Whisper transcript).
+planned in 2-second windows with the words known (Say); with ``--whisper``
+also ahead of live audio (the microphone: words from a background Whisper
+transcript of what was heard so far) and from audio alone once it has
+arrived (an upload: Whisper runs inside the planning call).
 
     python -m bench.director_accuracy                  # embedded director
     python -m bench.director_accuracy --whisper        # also the transcript path
     python -m bench.director_accuracy --llm-url http://127.0.0.1:8000/v1 --llm-model gemma
+    python -m bench.director_accuracy --local-llm      # starts llama.cpp's server with Gemma 270M
 """
 
 from __future__ import annotations
@@ -126,15 +129,26 @@ async def evaluate(director: Director, cases: list[dict[str, Any]], audios: dict
 
 
 async def latency(director: Director, cases: list[dict[str, Any]], audios: dict[str, np.ndarray],
-                  avatar: np.ndarray | None, *, say: bool) -> list[float]:
-    """Milliseconds per 2-second window, planning each utterance window by window."""
+                  avatar: np.ndarray | None, *, mode: str) -> list[float]:
+    """Milliseconds per 2-second window, planning each utterance window by window.
+
+    ``say``: the words are known; ``audio``: the window's audio has arrived, no
+    words (transcribed in the call); ``live``: planned ahead of live audio, from
+    the audio heard so far (transcribed in the background).
+    """
     ms: list[float] = []
     for case in cases:
         audio = audios[case["id"]]
         dur = len(audio) / AUDIO_RATE
         t = 0.0
         while t < dur:
-            req = request(case, audio, t, t + WINDOW_S, say=say, avatar=avatar)
+            req = request(case, audio, t, t + WINDOW_S, say=mode == "say", avatar=avatar)
+            if mode == "live":
+                heard = audio[: round(t * AUDIO_RATE)]
+                req = PlanRequest(session_id="bench", start=t + WINDOW_S, end=t + 2 * WINDOW_S,
+                                  recent_audio=heard[-3 * AUDIO_RATE:],
+                                  recent_start=max(0.0, t - 3.0), avatar_image=avatar,
+                                  avatar_id="astronaut")
             t0 = time.perf_counter()
             await director.plan_window(req)
             ms.append((time.perf_counter() - t0) * 1000)
@@ -172,10 +186,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         subset = cases if not args.llm_url else cases[: args.llm_cases]
         out: dict[str, Any] = {"director": director.name}
         out["accuracy"] = await evaluate(director, subset, audios, avatar)
-        out["latency_say"] = summary_ms(await latency(director, subset, audios, avatar, say=True))
+        out["latency_say"] = summary_ms(await latency(director, subset, audios, avatar, mode="say"))
         if args.whisper and not args.llm_url:
             spoken = [c for c in cases if c["line"] and c["category"] in ("plain", "negation", "gesture")]
-            out["latency_mic"] = summary_ms(await latency(director, spoken, audios, avatar, say=False))
+            out["latency_live"] = summary_ms(await latency(director, spoken, audios, avatar, mode="live"))
+            out["latency_audio"] = summary_ms(await latency(director, spoken, audios, avatar, mode="audio"))
         if args.llm_url:
             from engines.director.llm import LLMDirector
 
@@ -196,17 +211,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm-model", default="local")
     p.add_argument("--llm-timeout", type=float, default=60.0)
     p.add_argument("--llm-cases", type=int, default=10, help="cases to run through the LLM")
+    p.add_argument("--local-llm", action="store_true",
+                   help="start llama_cpp.server with the packaged Gemma 3 270M and measure against it")
+    p.add_argument("--llm-threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="write the full results here")
     p.add_argument("--failures", action="store_true", help="print the cases that fail")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out = asyncio.run(run(args))
+    if args.local_llm:
+        import tempfile
+
+        from server.launch import LocalLLMProcess
+
+        with tempfile.TemporaryDirectory() as tmp, \
+                LocalLLMProcess(Path(tmp), threads=args.llm_threads) as llm:
+            args.llm_url, args.llm_model = llm.base_url, llm.model
+            out = asyncio.run(run(args))
+    else:
+        out = asyncio.run(run(args))
     acc = out["accuracy"]
     print(f"director: {out['director']}")
     print(f"accuracy: {acc['correct']}/{acc['cases']} = {acc['accuracy']:.1%}")
     print(f"by field: {acc['by_field']}")
     print(f"by category: {acc['by_category']}")
-    for key in ("latency_say", "latency_mic"):
+    for key in ("latency_say", "latency_live", "latency_audio"):
         if key in out:
             print(f"{key}: {out[key]}")
     if "llm" in out:

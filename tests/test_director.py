@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -200,6 +202,22 @@ async def test_planned_ahead_of_live_audio_from_the_latest_audio(director: Embed
                       recent_start=4.0 - len(x) / AUDIO_RATE, avatar_image=astronaut(), avatar_id="astro")
     shots = (await director.plan_window(req)).shots
     assert len(shots) == 1 and "talking" in shots[0].prompt, "speech that goes on is planned as speech"
+
+
+async def test_live_audio_is_transcribed_in_the_background() -> None:
+    director = EmbeddedDirector()
+    x = speech("Yes, absolutely, I agree with you.")
+    req = PlanRequest(session_id="t", start=4.0, end=6.0, recent_audio=x,
+                      recent_start=4.0 - len(x) / AUDIO_RATE, avatar_image=astronaut(), avatar_id="astro")
+    first = director.perceive(req)
+    assert first[0].transcript == "", "planning does not wait for Whisper"
+    job = director.live_job
+    assert job is not None
+    await asyncio.wait_for(asyncio.wrap_future(job), 30)
+    later = director.perceive(req)
+    assert "agree" in later[0].transcript.lower() and later[0].transcript_source == "whisper"
+    shot = (await director.plan_window(req)).shots[0]
+    assert not shot.gestures, "words already said give no gestures to the window ahead"
 
 
 async def test_visual_expert_reads_the_portrait(director: EmbeddedDirector) -> None:

@@ -16,11 +16,13 @@ For one window:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +48,8 @@ from engines.storyline import EmotionLabel, GazeTarget, Shot, Window
 log = logging.getLogger(__name__)
 
 MIN_SHOT_S = 0.5
+LIVE_EVERY_S = 1.5  # a new live transcript once this much new audio has arrived
+LIVE_STALE_S = 6.0  # words older than this no longer speak for what comes next
 MAX_SHOTS = 3
 MAX_INTENSITY_STEP = 0.4  # per shot, unless the emotion changes
 
@@ -59,6 +63,11 @@ class Exchange:
     rounds: list[Round]
     conflicts: list[str]
     limits: list[str]
+
+
+@functools.cache
+def _transcription_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="transcribe")
 
 
 def _sentences(text: str) -> list[tuple[int, int, str]]:
@@ -107,6 +116,8 @@ class EmbeddedDirector(Director):
         self._directives = _LRU(64)
         self._transcripts = _LRU(64)
         self.exchanges: list[Exchange] = []  # the latest windows' exchanges, newest last
+        self._live: tuple[str, float, float, float] | None = None  # text, words span, audio end
+        self._live_job: Future[tuple[str, float, float, float]] | None = None
 
     async def plan_window(self, request: PlanRequest) -> Window:
         loop = asyncio.get_running_loop()
@@ -148,6 +159,38 @@ class EmbeddedDirector(Director):
             return "", offset, offset
         text = " ".join(s.text for s in segs)
         return text, offset + segs[0].start, offset + segs[-1].end
+
+    def live_transcript(self, audio: np.ndarray, offset: float) -> tuple[str, float, float]:
+        """The latest finished transcript of live audio; starts the next one in the background.
+
+        Whisper encodes 30 s whatever the length (~0.5 s of a core here), so live
+        audio is transcribed off the planning path, at most one job per session
+        at a time, on one process-wide thread: planning stays in milliseconds and
+        transcription never takes more than one core.
+        """
+        job = self._live_job
+        if job is not None and job.done():
+            self._live_job = None
+            try:
+                self._live = job.result()
+            except Exception as exc:  # a failed transcript only costs this window its words
+                log.warning("live transcript failed: %s: %s", type(exc).__name__, exc)
+        end = offset + len(audio) / AUDIO_RATE
+        if self._live_job is None and (self._live is None or end - self._live[3] >= LIVE_EVERY_S):
+            self._live_job = _transcription_pool().submit(self._transcribe_live, audio.copy(), offset, end)
+        if self._live is not None and end - self._live[3] <= LIVE_STALE_S:
+            return self._live[:3]
+        return "", offset, offset
+
+    @property
+    def live_job(self) -> Future[tuple[str, float, float, float]] | None:
+        """The live transcription in progress, if any."""
+        return self._live_job
+
+    def _transcribe_live(self, audio: np.ndarray, offset: float, end: float
+                         ) -> tuple[str, float, float, float]:
+        text, w0, w1 = self.transcript(audio, offset)
+        return text, w0, w1, end
 
     # --- planning --------------------------------------------------------------------
     def plan_sync(self, req: PlanRequest) -> Window:
@@ -196,7 +239,10 @@ class EmbeddedDirector(Director):
             transcript = " ".join(t for _, _, t in utterances)
             words_span = (utterances[0][0], utterances[-1][1])
         elif prosody.has_speech:
-            transcript, w0, w1 = self.transcript(audio, offset)
+            if own_audio:
+                transcript, w0, w1 = self.transcript(audio, offset)
+            else:  # planning ahead of live audio: the latest transcript, never waiting for one
+                transcript, w0, w1 = self.live_transcript(audio, offset)
             if transcript:
                 text_src, words_span = "whisper", (w0, w1)
         out: list[Evidence] = []

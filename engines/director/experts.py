@@ -128,7 +128,13 @@ class Evidence:
 
 
 def _in_shot(ev: Evidence, t: float, dur: float = 0.8) -> float | None:
-    """A gesture start inside the shot (moved in so that it ends inside), or None."""
+    """A gesture start inside the shot (moved in so that it ends inside), or None.
+
+    Times well before the shot (words already said, heard while planning ahead of
+    live audio) give no gesture.
+    """
+    if t < ev.start - 0.3 or t >= ev.end:
+        return None
     t = min(max(t, ev.start), ev.end - min(dur, ev.end - ev.start) * 0.5)
     return t if ev.start <= t < ev.end else None
 
