@@ -239,6 +239,10 @@ def test_build_planning_errors_name_the_missing_piece(tmp_path: pathlib.Path) ->
     )
     with pytest.raises(ProfileError, match="frames is fixed at 2"):
         shapes_from_record(vae, wrong)
+    # a bf16 build keeps the VAE decoder in fp32, as the server runs it
+    right = Profile("vae_decoder", "v", {**wrong.axes, "frames": (2, 2, 2)})
+    (job,) = plan_builds([right], onnx, manifest, H200, precision="bf16", strongly_typed=True)
+    assert job.precision == "fp32" and job.record.dtype == "fp32" and "-fp32-" in job.path.name
     assert dim_value("height*1/2", {"height": 32}) == 16 and dim_value(7, {}) == 7
 
 

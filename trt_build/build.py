@@ -9,6 +9,7 @@ running the same build twice builds nothing the second time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 import re
@@ -40,6 +41,7 @@ class BuildJob:
     key: str
     path: pathlib.Path
     up_to_date: bool
+    precision: str  # what this engine is built in (the VAE decoder stays fp32 in strongly typed builds)
 
 
 def onnx_dtype_for(precision: str, strongly_typed: bool) -> str:
@@ -118,6 +120,11 @@ def plan_builds(
                 f"export it (for the vae_decoder, each frame count is its own export)"
             )
         matching = [(f, r) for f, r in candidates if r.dtype == dtype]
+        job_precision = precision
+        if not matching and profile.stage == "vae_decoder" and strongly_typed:
+            # the server runs the VAE in fp32 whatever the DiT dtype; so does its engine
+            matching = [(f, r) for f, r in candidates if r.dtype == "fp32"]
+            job_precision = "fp32"
         if not matching:
             have = sorted({r.dtype for _, r in candidates})
             hint = (
@@ -139,12 +146,12 @@ def plan_builds(
             config_hash=record.config_hash,
             weights_hash=record.weights_hash,
             axes=profile.axes,
-            precision=precision,
+            precision=job_precision,
             strongly_typed=strongly_typed,
             onnx_dtype=record.dtype,
             target=target,
         )
-        path = manifest.folder / f"{record.variant}-{_safe(profile.name)}-{precision}-{key[:8]}.plan"
+        path = manifest.folder / f"{record.variant}-{_safe(profile.name)}-{job_precision}-{key[:8]}.plan"
         jobs.append(
             BuildJob(
                 record.stage,
@@ -156,6 +163,7 @@ def plan_builds(
                 key,
                 path,
                 up_to_date=manifest.is_built(key) and not force,
+                precision=job_precision,
             )
         )
     return jobs
@@ -163,6 +171,7 @@ def plan_builds(
 
 def run_build(job: BuildJob, manifest: Manifest, target: Target, options: BuildOptions) -> EngineEntry:
     """Build one job with TensorRT and record it in the manifest (saved at once)."""
+    options = dataclasses.replace(options, precision=job.precision)
     seconds = TrtEngine(job.path).build(job.onnx, job.shapes, options)
     entry = EngineEntry(
         key=job.key,

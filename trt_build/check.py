@@ -68,13 +68,16 @@ def session(
         raise CheckError(f"onnxruntime cannot load {onnx_path}: {exc}") from exc
 
 
+BF16_ON_CPU = (
+    "onnxruntime's CPU provider cannot run bf16 graphs: check the fp32 export of the same weights "
+    "(`avatar trt export --dtype fp32`; the graph is the same), or pass --provider CUDAExecutionProvider "
+    "where onnxruntime-gpu is installed"
+)
+
+
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
-        raise CheckError(
-            "onnxruntime's CPU provider cannot run bf16 graphs: check the fp32 export of the same "
-            "weights (`avatar trt export --dtype fp32`; the graph is the same), or pass "
-            "--provider CUDAExecutionProvider where onnxruntime-gpu is installed"
-        )
+        raise CheckError(BF16_ON_CPU)
     return t.detach().cpu().numpy()
 
 
@@ -115,6 +118,8 @@ def check_export(
     if not profiles:
         raise CheckError(f"no profile for {record.variant}: give one in the profile file")
     tol = DEFAULT_RTOL.get(record.dtype, 1e-3) if rtol is None else rtol
+    if record.dtype == "bf16" and set(providers or ["CPUExecutionProvider"]) == {"CPUExecutionProvider"}:
+        raise CheckError(BF16_ON_CPU)
     sess = session(folder / ONNX_FILE, providers)
     names = [i.name for i in sess.get_inputs()]  # type: ignore[attr-defined]
     if names != spec.input_names:

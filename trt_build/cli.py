@@ -438,16 +438,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     lines = ["| network | profile | precision | key | result |", "|---|---|---|---|---|"]
     for job in jobs:
         if job.up_to_date:
-            lines.append(
-                f"| {job.variant} | {job.profile.name} | {args.precision} | {job.key} | up to date |"
-            )
+            lines.append(f"| {job.variant} | {job.profile.name} | {job.precision} | {job.key} | up to date |")
             continue
         try:
             entry = run_build(job, manifest, target, options)
         except (BuildError, TensorRTUnavailable) as exc:
             raise CliError(f"build of {job.variant} / {job.profile.name} failed: {exc}") from None
         lines.append(
-            f"| {job.variant} | {job.profile.name} | {args.precision} | {job.key} | built in "
+            f"| {job.variant} | {job.profile.name} | {job.precision} | {job.key} | built in "
             f"{entry.build.seconds:.0f} s, {entry.size_bytes / 1e6:.0f} MB |"
         )
     sys.stdout.write("\n".join(lines) + "\n")
