@@ -1,4 +1,4 @@
-"""``avatar trt ...`` (or ``avatar-trt``): export, check, build, inspect and benchmark DiT engines.
+"""``avatar trt ...`` (``python -m trt_build.cli``): export, check, build, inspect, benchmark DiT engines.
 
 From a checkpoint folder to validated engines and a latency table::
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from trt_build.progress import fmt_seconds
+from trt_build.progress import fmt_seconds, task
 
 logger = logging.getLogger(__name__)
 
@@ -163,17 +163,23 @@ def onnx_has_fp8(onnx_path: pathlib.Path) -> bool:
     model = onnx.load(str(onnx_path), load_external_data=False)
     fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2}
     for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "TRT_FP8QuantizeLinear") and any(
+        if node.op_type == "TRT_FP8QuantizeLinear":  # ModelOpt's custom op
+            return True
+        if node.op_type == "QuantizeLinear" and any(
             a.name == "output_dtype" and a.i in fp8 for a in node.attribute
         ):
-            return True
-        if node.op_type == "TRT_FP8QuantizeLinear":
             return True
     inits = {i.name: i.data_type for i in model.graph.initializer}
     return any(
         node.op_type == "QuantizeLinear" and len(node.input) > 2 and inits.get(node.input[2]) in fp8
         for node in model.graph.node
     )
+
+
+def _parser_error(err: Any) -> str:
+    desc = err.desc() if hasattr(err, "desc") else str(err)
+    node = f" (node {err.node_name()})" if hasattr(err, "node_name") else ""
+    return f"{desc}{node}"
 
 
 def _torch_dtype(trt: ModuleType, dtype: Any) -> torch.dtype:
@@ -228,9 +234,8 @@ class TrtEngine:
             if not onnx_has_fp8(onnx_path):
                 raise BuildError(
                     f"{onnx_path} has no FP8 quantize/dequantize nodes: TensorRT builds fp8 from explicitly "
-                    "quantized graphs. Quantize the exported ONNX with NVIDIA ModelOpt (FP8, with "
-                    "calibration "
-                    "data) and pass it with --onnx, or build bf16"
+                    "quantized graphs. Quantize the bf16 export with NVIDIA ModelOpt (FP8, with calibration "
+                    "data) into <onnx>/<network>/fp8/ (see docs/ops.md), or build bf16"
                 )
         if options.precision == "bf16" and cc < (8, 0):
             raise BuildError(
@@ -249,7 +254,7 @@ class TrtEngine:
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, log)
         if not parser.parse_from_file(str(onnx_path)):
-            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
             raise BuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  " + "\n  ".join(errors))
         names = [network.get_input(i).name for i in range(network.num_inputs)]
         if sorted(names) != sorted(shapes):
@@ -268,8 +273,9 @@ class TrtEngine:
             elif options.precision == "fp8":
                 config.set_flag(trt.BuilderFlag.FP8)
                 config.set_flag(trt.BuilderFlag.BF16)
-            if options.precision != "fp32":
-                config.set_flag(trt.BuilderFlag.TF32)
+        tf32 = getattr(trt.BuilderFlag, "TF32", None)
+        if tf32 is not None:  # on by default: fp32 means fp32 matmuls
+            (config.clear_flag if options.precision == "fp32" else config.set_flag)(tf32)
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
@@ -283,8 +289,6 @@ class TrtEngine:
         monitor = _progress_monitor(trt, f"build {self.path.name}")
         config.progress_monitor = monitor
         start = time.monotonic()
-        from trt_build.progress import task
-
         with task(f"TensorRT build of {self.path.name}", detail=monitor.status, log=logger, every=30.0):
             serialized = builder.build_serialized_network(network, config)
         seconds = time.monotonic() - start
