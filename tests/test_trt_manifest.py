@@ -309,3 +309,29 @@ def test_cli_errors_are_clear_without_tensorrt_or_inputs(
     if trt_missing:
         rc, log = run_cli(["inspect", "--engines", str(engines)], caplog)
         assert rc == 2 and "layer details need TensorRT on a GPU" in log
+
+
+def test_long_steps_report_progress_with_estimates_from_the_last_run(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from trt_build.progress import Steps, Timings, task
+
+    timings = Timings(tmp_path / ".timings.json")
+    assert timings.estimate("export:subclip:bf16", 1e9) is None
+    timings.record("export:subclip:bf16", 1e9, 300.0)
+    again = Timings(tmp_path / ".timings.json")  # persisted: the next run estimates from it
+    assert again.estimate("export:subclip:bf16", 2e9) == pytest.approx(600.0)
+    log = logging.getLogger("test.progress")
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        with task("export subclip", estimate_s=600.0, log=log):
+            pass
+        with pytest.raises(RuntimeError), task("build", log=log):
+            raise RuntimeError("out of memory")
+        steps = Steps("hashing", 4, log=log, min_interval=0.0)
+        for _ in range(4):
+            steps.step()
+    text = caplog.text
+    assert "export subclip: started, estimate 10.0 min (from the last run on this machine)" in text
+    assert "export subclip: done in" in text
+    assert "build: started (no estimate yet" in text and "build: failed after" in text
+    assert "hashing: 25% (" in text and "about" in text and "hashing: done in" in text

@@ -80,7 +80,9 @@ def task(
         log.info("%s: started (no estimate yet: first run on this machine)", what)
 
     def beat() -> None:
-        while not done.wait(every):
+        wait = every
+        while not done.wait(wait):
+            wait = min(wait * 1.5, max(every, 120.0))  # long steps: fewer lines as they go
             elapsed = time.monotonic() - start
             extra = f"; {detail()}" if detail is not None else ""
             if estimate_s is not None:
