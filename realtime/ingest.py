@@ -108,3 +108,57 @@ class MicIngest:
                 continue
             if len(ana):
                 self.push(ana, out, voice, arrived)
+
+
+MAX_UPLOAD_SPEECH_S = 60.0
+
+
+class AudioUploadError(ValueError):
+    """Uploaded audio that cannot be played (with the HTTP status that says why)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def decode_upload(data: bytes, *, longest_s: float = MAX_UPLOAD_SPEECH_S) -> tuple[np.ndarray, np.ndarray]:
+    """Blocking: an uploaded audio file (WAV, MP3, OGG, ...) as (16 kHz float32, 48 kHz int16), mono.
+
+    ``AudioUploadError`` 415 when it is not audio PyAV can decode, 422 when it
+    is too short, too long or not finite.
+    """
+    import io
+
+    to48 = av.AudioResampler(format="flt", layout="mono", rate=OUT_RATE)
+    chunks: list[np.ndarray] = []
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.audio:
+                raise AudioUploadError(415, "the upload has no audio stream (send WAV, MP3, OGG or FLAC)")
+            n = 0
+            for frame in container.decode(container.streams.audio[0]):
+                for f in to48.resample(frame):
+                    chunks.append(f.to_ndarray().reshape(-1).astype(np.float32))
+                    n += len(chunks[-1])
+                if n > (longest_s + 1) * OUT_RATE:
+                    raise AudioUploadError(422, f"audio is longer than {longest_s:.0f} s")
+            for f in to48.resample(None):
+                chunks.append(f.to_ndarray().reshape(-1).astype(np.float32))
+    except AudioUploadError:
+        raise
+    except (av.FFmpegError, ValueError, IndexError, EOFError) as exc:
+        raise AudioUploadError(415, f"not audio that can be decoded: {type(exc).__name__}: {exc}") from exc
+    x48 = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    dur = len(x48) / OUT_RATE
+    if dur < 0.2:
+        raise AudioUploadError(422, f"audio is {dur:.2f} s long; send at least 0.2 s")
+    if dur > longest_s:
+        raise AudioUploadError(422, f"audio is {dur:.1f} s long; the limit is {longest_s:.0f} s")
+    if not np.all(np.isfinite(x48)):
+        raise AudioUploadError(422, "audio has samples that are not finite numbers")
+    x48 = np.clip(x48, -1.0, 1.0)
+    from scipy.signal import resample_poly
+
+    ana = resample_poly(x48, AUDIO_RATE, OUT_RATE).astype(np.float32)
+    out = np.round(x48 * 32767.0).astype(np.int16)
+    return ana, out

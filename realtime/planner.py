@@ -125,9 +125,13 @@ class RollingPlanner:
         self.instructions.append(text)
         del self.instructions[:-MAX_INSTRUCTIONS]
 
-    async def plan_utterance(self, start: float, end: float, text: str) -> None:
-        """Say text is known in full: plan the windows it plays in now."""
-        self._texts.append((start, end, text))
+    async def plan_utterance(self, start: float, end: float, text: str,
+                             spans: list[tuple[float, float, str]] | None = None) -> None:
+        """Speech known in full (Say text, uploads): plan the windows it plays in now.
+
+        ``spans`` place the words more precisely (an upload's transcript segments).
+        """
+        self._texts += spans if spans else [(start, end, text)]
         self._texts = self._texts[-20:]
         self._planned_until = min(self._planned_until, start)
         n = max(1, math.ceil((end - start) / self.window_s))

@@ -197,6 +197,7 @@ class AvatarServer:
         app.router.add_get("/v1/sessions", self.list_sessions)
         app.router.add_get("/v1/sessions/{id}", self.get_session)
         app.router.add_delete("/v1/sessions/{id}", self.delete_session)
+        app.router.add_post("/v1/sessions/{id}/speech", self.session_speech)
         app.router.add_post("/v1/avatars", self.upload_avatar)
         app.router.add_get("/v1/avatars", self.list_avatars)
         app.router.add_get("/v1/avatars/{id}/image", self.avatar_image)
@@ -260,6 +261,23 @@ class AvatarServer:
                  len(self.sessions))
         return web.Response(status=201, text=answer, content_type="application/sdp",
                             headers={"Location": f"/v1/sessions/{session.id}"})
+
+    async def session_speech(self, request: web.Request) -> web.Response:
+        """Uploaded speech for a session to say (an audio file as the body)."""
+        from realtime.ingest import AudioUploadError, decode_upload
+
+        session = self._session(request)
+        data = await request.read()
+        if not data:
+            return web.json_response({"error": "empty body: send an audio file (WAV, MP3, OGG, FLAC)"},
+                                     status=415)
+        loop = asyncio.get_running_loop()
+        try:
+            ana, out = await loop.run_in_executor(None, decode_upload, data)
+        except AudioUploadError as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        session.play(ana, out)
+        return web.json_response({"duration_s": round(len(ana) / 16000, 3)}, status=202)
 
     def _forget(self, session: Session) -> None:
         self.sessions.pop(session.id, None)

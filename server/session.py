@@ -248,6 +248,33 @@ class Session:
             self.scheduler.notify()
         log.info("[%s] said %d characters", self.id, len(text))
 
+    def play(self, ana: np.ndarray, out: np.ndarray) -> None:
+        """Uploaded speech (16 kHz and 48 kHz mono): spoken next, like Say text."""
+        if self._tts_task is not None and not self._tts_task.done():
+            self._tts_task.cancel()
+        self._tts_task = self._spawn(self._play(ana, out), "upload")
+
+    async def _play(self, ana: np.ndarray, out: np.ndarray) -> None:
+        from engines.director.models import transcriber
+
+        loop = asyncio.get_running_loop()
+        # the words first (about a second): the whole utterance is then planned ahead
+        try:
+            segments = await loop.run_in_executor(None, lambda: transcriber().transcribe(ana))
+        except Exception as exc:  # no words: the director still has the prosody
+            log.warning("[%s] upload transcript failed: %s: %s", self.id, type(exc).__name__, exc)
+            segments = []
+        now = self.clock.now()
+        t0 = round(max(now + TTS_LEAD_S, self.timeline.tts_until) * self.engine.fps) / self.engine.fps
+        t1 = self.timeline.write_tts(t0, ana, out, [], now)
+        self.scheduler.invalidate(t0)
+        text = " ".join(s.text for s in segments)
+        spans = [(t0 + s.start, t0 + s.end, s.text) for s in segments]
+        await self.planner.plan_utterance(t0, t1, text, spans)
+        self.scheduler.notify()
+        log.info("[%s] playing %.1f s of uploaded speech (%d words)", self.id, t1 - t0,
+                 len(text.split()))
+
     async def instruct(self, text: str) -> None:
         self.planner.add_instruction(text)
         cut = self.playing_pts() + 2.0 / self.engine.fps

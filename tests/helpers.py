@@ -22,6 +22,21 @@ def speech(text: str = "Hello there. Welcome to the show, it is great to see you
     return resample_poly(x, rate, voice.config.sample_rate).astype(np.float32)
 
 
+def wav_bytes(x: np.ndarray, rate: int) -> bytes:
+    """Mono float audio as a 16-bit WAV file."""
+    import io
+    import wave
+
+    pcm = np.clip(x * 32767, -32768, 32767).astype(np.int16)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
 def envelope(x: np.ndarray, rate: int, hop_s: float) -> np.ndarray:
     """RMS per hop."""
     hop = round(rate * hop_s)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from server.peer import AvatarPeer
 from tests.conftest import MAX_SESSIONS, RunningServer
-from tests.helpers import astronaut
+from tests.helpers import astronaut, speech, wav_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -136,6 +136,32 @@ async def test_bad_control_messages_get_errors_and_the_session_goes_on(server: R
         n = len(peer.got.video_times)
         # video keeps flowing
         await peer.wait_until(lambda: len(peer.got.video_times) >= n + 10, 3, "more video")
+    finally:
+        await peer.close()
+
+
+async def test_bad_speech_uploads_get_clear_errors(server: RunningServer) -> None:
+    peer = AvatarPeer(server.url, keep_frames=False)
+    try:
+        await peer.connect()
+        url = f"{peer.session_url}/speech"
+        rng = np.random.default_rng(0)
+        cases = [
+            (b"", "audio/wav", 415, "empty"),
+            (rng.integers(0, 255, 50_000, dtype=np.uint8).tobytes(), "audio/wav", 415, "decoded"),
+            (png(astronaut()[:64, :64]), "image/png", 415, "audio"),
+            (wav_bytes(np.zeros(800, np.float32), 8000), "audio/wav", 422, "at least"),
+            (wav_bytes(np.zeros(61 * 8000, np.float32), 8000), "audio/wav", 422, "limit"),
+        ]
+        for body, ctype, status, words in cases:
+            got, parsed, _ = await post(url, body, ctype)
+            assert got == status and words in parsed.get("error", ""), (status, got, parsed)
+        got, parsed, _ = await post(f"{server.url}/v1/sessions/nope/speech", wav_bytes(
+            np.zeros(8000, np.float32), 8000), "audio/wav")
+        assert got == 404
+        # the session goes on and still takes good audio
+        got, parsed, _ = await post(url, wav_bytes(speech("Still here."), 16000), "audio/wav")
+        assert got == 202 and parsed["duration_s"] > 0.3
     finally:
         await peer.close()
 

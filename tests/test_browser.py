@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 from server.peer import RATE
 from tests.conftest import RunningServer
-from tests.helpers import speech
+from tests.helpers import speech, wav_bytes
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
@@ -22,21 +21,12 @@ pytestmark = [
 ]
 
 
-def write_wav(path: Path, x: np.ndarray) -> None:
-    pcm = np.clip(x * 32767, -32768, 32767).astype(np.int16)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes(pcm.tobytes())
-
-
 async def test_host_console_in_chromium(server: RunningServer, tmp_path: Path) -> None:
     from playwright.async_api import async_playwright
 
     mic = tmp_path / "mic.wav"  # a line of speech, then a long silence (Chromium loops it)
-    write_wav(mic, np.concatenate([speech("Hi, I am testing the microphone.", rate=RATE),
-                                   np.zeros(RATE * 10, np.float32)]))
+    mic.write_bytes(wav_bytes(np.concatenate([speech("Hi, I am testing the microphone.", rate=RATE),
+                                              np.zeros(RATE * 10, np.float32)]), RATE))
     args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required",

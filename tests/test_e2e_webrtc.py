@@ -14,7 +14,7 @@ import pytest
 from engines.face import NoFaceError, analyse_face, mouth_corner_lift, mouth_opening
 from server.peer import RATE, AvatarPeer
 from tests.conftest import RunningServer
-from tests.helpers import envelope, speech
+from tests.helpers import envelope, speech, wav_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -148,6 +148,37 @@ async def test_an_instruction_mid_stream_changes_the_video_within_a_window(serve
     assert after > before + 0.005, f"mouth corners {before:.4f} before, {after:.4f} a window after"
     shot = next(m["shot"] for m in reversed(peer.messages("stats")) if m.get("shot"))
     assert shot["negative_prompt"] and shot["rationale"], "the page can show what was decided and why"
+
+
+async def test_uploaded_speech_is_spoken_and_planned_whole(server: RunningServer) -> None:
+    import aiohttp
+
+    line = "Yes, I agree with you. I am so happy that we won the game today!"
+    peer = AvatarPeer(server.url)
+    try:
+        await peer.connect()
+        await peer.wait_open()
+        await peer.wait_until(lambda: len(peer.got.audio) > 25, 5, "returned audio")
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{peer.session_url}/speech", data=wav_bytes(speech(line), 16000),
+                headers={"Content-Type": "audio/wav"}) as res:
+            assert res.status == 202, await res.text()
+            duration = (await res.json())["duration_s"]
+        posted = time.perf_counter()
+
+        def loud_since(t0: float) -> bool:
+            return any(a > t0 and np.abs(x).max() > 3000 for a, x in peer.got.audio)
+
+        await peer.wait_until(lambda: loud_since(posted), 8, "the uploaded voice")
+        await peer.wait_until(lambda: any(m.get("speaking") and m.get("shot") and
+                                          m["shot"]["emotion"]["label"] == "happy"
+                                          for m in peer.messages("stats")), duration + 3,
+                              "stats showing a plan made from the upload's words")
+    finally:
+        await peer.close()
+    times, opening = openings(peer)
+    spoken = opening[(times > posted + 1.0) & (times < posted + duration)]
+    assert np.nanmax(spoken) > 0.04, "the lips move with the uploaded speech"
 
 
 async def test_sessions_are_listed_and_deleted(server: RunningServer) -> None:

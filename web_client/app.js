@@ -166,7 +166,7 @@ async function start() {
       if (msg.type === "stats") onStats(msg);
       else if (msg.type === "error") showError(msg.message);
     };
-    dc.onopen = () => { for (const b of ["say", "instruct", "interrupt"]) $(b).disabled = viewer; };
+    dc.onopen = () => { for (const b of ["say", "instruct", "interrupt", "speech"]) $(b).disabled = viewer; };
     const remote = new MediaStream();
     pc.ontrack = (ev) => {
       remote.addTrack(ev.track);
@@ -212,7 +212,7 @@ async function stop() {
   micStream = null;
   if (audioCtx) audioCtx.close();
   audioCtx = null;
-  for (const b of ["stop", "say", "instruct", "interrupt"]) $(b).disabled = true;
+  for (const b of ["stop", "say", "instruct", "interrupt", "speech"]) $(b).disabled = true;
   $("start").disabled = false;
   setStatus("idle");
 }
@@ -235,6 +235,20 @@ $("instruct-form").onsubmit = (ev) => {
   const text = $("instruct-text").value.trim();
   if (text) send({ type: "instruct", text });
 };
+$("speech-form").onsubmit = async (ev) => {
+  ev.preventDefault();
+  const file = $("speech-file").files[0];
+  if (!file || !state.sessionUrl) return;
+  try {
+    const res = await api(`${state.sessionUrl}/speech`, {
+      method: "POST", headers: { "Content-Type": file.type || "application/octet-stream" }, body: file,
+    });
+    const info = await res.json();
+    $("error").textContent = `playing ${info.duration_s.toFixed(1)} s of audio`;
+  } catch (e) {
+    showError(`audio upload failed: ${e.message}`);
+  }
+};
 $("token").onchange = () => { localStorage.setItem("avatarToken", $("token").value.trim()); loadAvatars(); };
 $("upload-form").onsubmit = async (ev) => {
   ev.preventDefault();
@@ -250,6 +264,6 @@ $("upload-form").onsubmit = async (ev) => {
   }
 };
 if (viewer) {
-  for (const id of ["say-form", "instruct-form", "upload-form"]) $(id).style.display = "none";
+  for (const id of ["say-form", "instruct-form", "upload-form", "speech-form"]) $(id).style.display = "none";
 }
 loadAvatars();
