@@ -335,3 +335,47 @@ def test_long_steps_report_progress_with_estimates_from_the_last_run(
     assert "export subclip: done in" in text
     assert "build: started (no estimate yet" in text and "build: failed after" in text
     assert "hashing: 25% (" in text and "about" in text and "hashing: done in" in text
+
+
+def test_inspect_summaries_of_layer_records() -> None:
+    """Layer records in the engine inspector's JSON format (as TensorRT documents it), summarised."""
+    from trt_build.engine import summarise_layers
+
+    def layer(name: str, kind: str, fmt: str, tactic: str = "") -> dict[str, object]:
+        return {
+            "Name": name,
+            "LayerType": kind,
+            "Outputs": [{"Name": "o", "Format/Datatype": fmt}],
+            "TacticName": tactic,
+        }
+
+    fused = summarise_layers(
+        [
+            layer("blocks.0.attn1 + to_q", "CaskGemmMatrixMultiply", "Row major linear BF16 format"),
+            layer(
+                "_gemm_mha_v2_myl0_3", "kgen", "Row major linear BF16 format", "fmha_v2_flash_attention_bf16"
+            ),
+            layer("norm_out", "CaskPooling", "Row major linear FP32 format"),
+        ]
+    )
+    assert fused["attention"]["verdict"] == "fused" and fused["attention"]["fused_count"] == 1
+    assert fused["by_precision"] == {"bf16": 2, "fp32": 1} and fused["detailed"]
+    unfused = summarise_layers(
+        [
+            layer("/blocks.0/attn1/MatMul", "CaskGemmMatrixMultiply", "Row major linear FP32 format"),
+            layer("/blocks.0/attn1/Softmax", "SoftMax", "Row major linear FP32 format"),
+        ]
+    )
+    assert unfused["attention"]["verdict"] == "not fused" and unfused["attention"]["softmax_count"] == 1
+    partly = summarise_layers(
+        [layer("_gemm_mha_v2", "kgen", "BF16"), layer("/adapter/Softmax", "SoftMax", "BF16")]
+    )
+    assert partly["attention"]["verdict"] == "partly fused"
+    plain = summarise_layers(
+        [layer("/attn1/scaled_dot_product_attention/MatMul", "CaskGemmMatrixMultiply", "FP32")]
+    )
+    assert plain["attention"]["verdict"] == "unknown"  # an op name alone does not make a fused kernel
+    names_only = summarise_layers(["{ForeignNode[/blocks.0/attn1/Softmax...]}"])
+    assert names_only["attention"]["verdict"] == "unknown" and not names_only["detailed"]
+    dynamic = summarise_layers([layer("x", "Reformat", "N/A due to dynamic shapes")])
+    assert dynamic["by_precision"] == {"unknown": 1}

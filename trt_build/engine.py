@@ -454,7 +454,8 @@ _PRECISION_PATTERNS = (
     ("int8", re.compile(r"int8", re.I)),
     ("fp32", re.compile(r"fp32|float|tf32", re.I)),
 )
-_FUSED_ATTENTION = re.compile(r"mha|fmha|flash|attention|_gemm_mha", re.I)
+_FUSED_ATTENTION = re.compile(r"mha|fmha|flash", re.I)  # fused attention kernels (names, tactics)
+_ATTENTION_LAYER = re.compile(r"attention", re.I)  # the IAttention layer type
 _SOFTMAX = re.compile(r"softmax", re.I)
 
 
@@ -474,12 +475,12 @@ def layer_precision(layer: Mapping[str, Any]) -> str:
 def summarise_layers(layers: Sequence[Any]) -> dict[str, Any]:
     """Counts by layer type and precision, and what became of attention.
 
-    ``attention``: ``fused`` when layers that run attention kernels (names,
-    types or tactics mentioning MHA/FMHA/flash/attention) are present and no
-    Softmax is left on its own; ``not fused`` when standalone Softmax layers
-    remain (attention runs as MatMul + Softmax + MatMul); ``unknown`` when the
-    engine was built without detailed profiling verbosity (names only) and
-    neither shows.
+    ``attention``: ``fused`` when layers run fused attention kernels (names or
+    tactics mentioning MHA/FMHA/flash, or an attention layer type) and no
+    Softmax is left on its own; ``not fused`` when only standalone Softmax
+    layers show (attention runs as MatMul + Softmax + MatMul); ``partly
+    fused`` when both do; ``unknown`` when neither shows (names only, or one
+    opaque Myelin region).
     """
     by_type: dict[str, int] = {}
     by_precision: dict[str, int] = {}
@@ -497,14 +498,18 @@ def summarise_layers(layers: Sequence[Any]) -> dict[str, Any]:
             tactic = str(layer.get("TacticName", layer.get("TacticValue", "")))
         by_type[kind] = by_type.get(kind, 0) + 1
         by_precision[precision] = by_precision.get(precision, 0) + 1
-        if _FUSED_ATTENTION.search(f"{name} {kind} {tactic}") and not _SOFTMAX.search(kind):
+        if (_FUSED_ATTENTION.search(f"{name} {kind} {tactic}") or _ATTENTION_LAYER.search(kind)) and not (
+            _SOFTMAX.search(kind)
+        ):
             fused.append(name)
         elif _SOFTMAX.search(kind) or (
             _SOFTMAX.search(name) and kind != "Myelin" and not name.startswith("{ForeignNode")
         ):
             softmax.append(name)  # a Softmax kernel of its own: attention was not fused there
         rows.append({"name": name, "type": kind, "precision": precision, "tactic": tactic})
-    if softmax:
+    if softmax and fused:
+        verdict = "partly fused"
+    elif softmax:
         verdict = "not fused"
     elif fused:
         verdict = "fused"
