@@ -7,8 +7,9 @@ the inference session is shared by the process.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,10 +31,19 @@ def _session() -> Any:
             opts = ort.SessionOptions()
             opts.inter_op_num_threads = 1
             opts.intra_op_num_threads = 1
-            path = resources.files("silero_vad") / "data" / "silero_vad.onnx"
+            # find the wheel's folder without importing the package (its __init__ imports torch)
+            spec = importlib.util.find_spec("silero_vad")
+            if spec is None or not spec.submodule_search_locations:
+                raise RuntimeError("the silero-vad package is not installed")
+            path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
             _SESSION = ort.InferenceSession(str(path), sess_options=opts,
                                             providers=["CPUExecutionProvider"])
         return _SESSION
+
+
+def load() -> None:
+    """Load the model now (at server start), not in the first session."""
+    _session()
 
 
 class VoiceActivity:

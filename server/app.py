@@ -93,9 +93,11 @@ class AvatarServer:
             self.default_avatar = info.id
         loop = asyncio.get_running_loop()
         from realtime.tts import load_voice
+        from realtime.vad import load as load_vad
 
-        (prepared, image, _), _ = await asyncio.gather(self.prepared(self.default_avatar),
-                                                       loop.run_in_executor(None, load_voice))
+        (prepared, image, _), _, _ = await asyncio.gather(self.prepared(self.default_avatar),
+                                                          loop.run_in_executor(None, load_voice),
+                                                          loop.run_in_executor(None, load_vad))
         await asyncio.gather(loop.run_in_executor(self.executor, self._warm_up, prepared),
                              self._warm_up_director(image))
         self.ready = True

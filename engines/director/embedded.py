@@ -21,9 +21,12 @@ import hashlib
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -46,6 +49,7 @@ from engines.director.protocol import Limits, Proposal, Round, apply_limits, mer
 from engines.storyline import EmotionLabel, GazeTarget, Shot, Window
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MIN_SHOT_S = 0.5
 LIVE_EVERY_S = 1.5  # a new live transcript once this much new audio has arrived
@@ -65,9 +69,34 @@ class Exchange:
     limits: list[str]
 
 
+LIVE_DUTY = 0.25  # live transcription may use at most this share of one core, all sessions together
+
+
+class _TranscriptionBudget:
+    """One thread for live transcripts, with a duty cycle: after a job of ``d`` seconds
+    the next one waits until ``d / LIVE_DUTY`` seconds after the first began. Each
+    session has at most one job queued, so the queue is short; the renderers keep
+    their cores whatever the number of talking sessions."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="transcribe")
+        self.next_start = 0.0  # only the pool's one thread reads and writes it
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        def run() -> T:
+            time.sleep(max(0.0, self.next_start - time.monotonic()))
+            t0 = time.monotonic()
+            try:
+                return fn()
+            finally:
+                self.next_start = t0 + (time.monotonic() - t0) / LIVE_DUTY
+
+        return self.pool.submit(run)
+
+
 @functools.cache
-def _transcription_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(1, thread_name_prefix="transcribe")
+def _transcription_budget() -> _TranscriptionBudget:
+    return _TranscriptionBudget()
 
 
 def _sentences(text: str) -> list[tuple[int, int, str]]:
@@ -165,8 +194,8 @@ class EmbeddedDirector(Director):
 
         Whisper encodes 30 s whatever the length (~0.5 s of a core here), so live
         audio is transcribed off the planning path, at most one job per session
-        at a time, on one process-wide thread: planning stays in milliseconds and
-        transcription never takes more than one core.
+        at a time, on one process-wide thread with a duty cycle (``LIVE_DUTY``):
+        planning stays in milliseconds and transcripts never crowd the renderers.
         """
         job = self._live_job
         if job is not None and job.done():
@@ -177,7 +206,9 @@ class EmbeddedDirector(Director):
                 log.warning("live transcript failed: %s: %s", type(exc).__name__, exc)
         end = offset + len(audio) / AUDIO_RATE
         if self._live_job is None and (self._live is None or end - self._live[3] >= LIVE_EVERY_S):
-            self._live_job = _transcription_pool().submit(self._transcribe_live, audio.copy(), offset, end)
+            heard = audio.copy()
+            self._live_job = _transcription_budget().submit(
+                lambda: self._transcribe_live(heard, offset, end))
         if self._live is not None and end - self._live[3] <= LIVE_STALE_S:
             return self._live[:3]
         return "", offset, offset
