@@ -174,6 +174,8 @@ async def test_uploaded_speech_is_spoken_and_planned_whole(server: RunningServer
                                           m["shot"]["emotion"]["label"] == "happy"
                                           for m in peer.messages("stats")), duration + 3,
                               "stats showing a plan made from the upload's words")
+        await peer.wait_until(lambda: peer.got.video[-1][0] > posted + duration + 0.5, duration + 5,
+                              "video until the upload has been said")
     finally:
         await peer.close()
     times, opening = openings(peer)
