@@ -43,7 +43,7 @@ AUDIO_CONTEXT_S = 0.3  # audio before a sub-clip that engines may look at
 
 @dataclass(slots=True)
 class SchedulerConfig:
-    subclip_frames: int = 2
+    subclip_frames: int = 1
     workers: int = 1
     keyframe_lead_s: float = 1.0
     keyframe_batch_s: float = 1.0

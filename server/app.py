@@ -51,7 +51,7 @@ class ServerConfig(BaseModel):
     data_dir: Path = Path("data")
     token: str | None = None
     delay_ms: float = Field(130.0, gt=0)
-    subclip_frames: int = Field(2, ge=1)
+    subclip_frames: int = Field(1, ge=1)
     workers: int = Field(1, ge=1)
     render_threads: int = Field(2, ge=1)
     director: str = "embedded"

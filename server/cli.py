@@ -28,7 +28,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="bearer token (required off loopback; generated if not given)")
     p.add_argument("--delay-ms", type=float, default=130.0,
                    help="playout delay: video latency, the voice is delayed to match")
-    p.add_argument("--subclip-frames", type=int, default=2)
+    p.add_argument("--subclip-frames", type=int, default=1,
+                   help="frames per sub-clip: the latency knob (audio waited for before a render)")
     p.add_argument("--workers", type=int, default=1, help="parallel sub-clips per session")
     p.add_argument("--render-threads", type=int, default=max(1, (os.cpu_count() or 2)))
     p.add_argument("--director", default="embedded", choices=["embedded", "llm", "static"],
