@@ -36,10 +36,10 @@ import time
 import unicodedata
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Annotated, Any
+from typing import Any
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engines.director.base import Director, PlanRequest
 from engines.director.embedded import EmbeddedDirector
@@ -81,10 +81,40 @@ class ExpertAnswer(BaseModel):
     confidence: Level = Level.medium
 
 
+class NegativeTerm(str, Enum):
+    """Negative terms as an enum: a small model fills an enum quickly and cannot ramble."""
+
+    smiling = "smiling"
+    grin = "grin"
+    laughing = "laughing"
+    frown = "frown"
+    scowl = "scowl"
+    tears = "tears"
+    raised_eyebrows = "raised eyebrows"
+    head_movement = "head movement"
+    nodding = "nodding"
+    head_shaking = "head shaking"
+    head_turning = "head turning"
+    looking_away = "looking away"
+    closed_eyes = "closed eyes"
+    mouth_moving_in_silence = "mouth moving in silence"
+    open_mouth = "open mouth"
+    frozen_face = "frozen face"
+    jitter = "jitter"
+    flicker = "flicker"
+    identity_drift = "identity drift"
+    distorted_teeth = "distorted teeth"
+    extra_faces = "extra faces"
+    exaggerated_expression = "exaggerated expression"
+    blurry_face = "blurry face"
+    cheerful_expression = "cheerful expression"
+    angry_expression = "angry expression"
+    sad_expression = "sad expression"
+
+
 class NegativeAnswer(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    negatives: list[Annotated[str, StringConstraints(max_length=40)]] = Field(
-        default_factory=list, max_length=6)
+    negatives: list[NegativeTerm] = Field(default_factory=list, max_length=6)
 
 
 SYSTEM = {
@@ -304,7 +334,7 @@ class LLMDirector(Director):
                  f"\n{'Speaking' if ev.speaking else 'Silent'} shot. Proposals: {json.dumps(plan)}"
                  "\nNegative terms:"}]
         ans = await self._ask("negative", self.config.max_rounds, conv, NegativeAnswer)
-        return [_clean(t, 60) for t in ans.negatives if _clean(t, 60)]
+        return list(dict.fromkeys(t.value for t in ans.negatives))
 
     def _to_proposal(self, name: str, a: ExpertAnswer, ev: Evidence) -> Proposal:
         """An answer as a protocol proposal; gestures are timed on the line's acts and emphasis."""
