@@ -81,7 +81,10 @@ class RollingPlanner:
             avatar_image=self.avatar_image, avatar_id=self.avatar_id,
         )
         try:
-            window = await asyncio.wait_for(self.director.plan_window(req), self.timeout_s)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+            # lands as the plan completes, and the session could then never close
+            async with asyncio.timeout(self.timeout_s):
+                window = await self.director.plan_window(req)
             if not window.shots:
                 raise ValueError("the director planned no shots")
             return window

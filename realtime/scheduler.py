@@ -39,6 +39,7 @@ from realtime.timeline import AudioTimeline
 log = logging.getLogger(__name__)
 
 AUDIO_CONTEXT_S = 0.3  # audio before a sub-clip that engines may look at
+KEYFRAME_RETRY_S = 0.5  # after a failed keyframe batch
 
 
 @dataclass(slots=True)
@@ -63,6 +64,7 @@ class SchedulerStats:
     clips_skipped: int = 0
     clips_stale: int = 0
     keyframe_batches: int = 0
+    keyframe_failures: int = 0
     render_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100))
     margin_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100))  # done vs due
     wait_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100))  # ready -> dispatched
@@ -104,6 +106,7 @@ class CascadeScheduler:
         self.keyframes: dict[int, Keyframe] = {}  # boundary index -> keyframe
         self._kf_until = 0  # keyframes exist for boundaries < this
         self._kf_job: asyncio.Task[None] | None = None
+        self._kf_retry_at = 0.0
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._closed = False
@@ -186,7 +189,7 @@ class CascadeScheduler:
 
     def _ensure_keyframes(self, now: float) -> None:
         horizon = max(now, self.next_clip * self.clip_s) + self.config.keyframe_lead_s
-        if self._kf_job is not None or self._kf_until * self.clip_s > horizon:
+        if self._kf_job is not None or self._kf_until * self.clip_s > horizon or now < self._kf_retry_at:
             return
         first = max(self._kf_until, self.next_clip)
         count = max(2, math.ceil(self.config.keyframe_batch_s / self.clip_s))
@@ -199,8 +202,17 @@ class CascadeScheduler:
             shots = list(self.shots(times[0], times[-1] + self.clip_s)) or [
                 default_shot(times[0], times[-1] + self.clip_s)]
             loop = asyncio.get_running_loop()
-            kfs = await loop.run_in_executor(
-                self.executor, self.engine.keyframes, self.prepared, shots, times)
+            try:
+                kfs = await loop.run_in_executor(
+                    self.executor, self.engine.keyframes, self.prepared, shots, times)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the next step asks again; playout holds meanwhile
+                log.exception("[%s] keyframes at %.2f-%.2fs failed", self.session_id, times[0], times[-1])
+                self.stats.keyframe_failures += 1
+                self._kf_retry_at = self.clock.now() + KEYFRAME_RETRY_S
+                self._kf_job = None
+                return
             for b, kf in zip(boundaries, kfs, strict=True):
                 self.keyframes.setdefault(b, kf)
             self.stats.keyframe_batches += 1

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_INSTRUCTION_CHARS = 2000
 TTS_LEAD_S = 0.05
+CLOSE_TIMEOUT_S = 3.0
 
 
 class OfferError(ValueError):
@@ -346,7 +347,11 @@ class Session:
         tasks = [t for t in self._tasks if t is not me]
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+            if stuck:  # a task that ignores cancellation must not keep the peer open
+                log.error("[%s] %d task(s) did not stop on close: %s", self.id, len(stuck),
+                          ", ".join(sorted(t.get_name() for t in stuck)))
         await self.scheduler.aclose()
         try:
             await self.planner.director.aclose()

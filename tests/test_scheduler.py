@@ -126,6 +126,25 @@ async def test_silence_renders_idle_after_the_grace_period() -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def test_a_failed_keyframe_batch_is_logged_and_retried() -> None:
+    sched, clock, ex, timeline, playout = make(workers=1)
+    task = asyncio.ensure_future(sched.run())
+    try:
+        await settle()
+        fn, args, fut = ex.jobs.pop(ex.pending("keyframes")[0])
+        fut.set_exception(RuntimeError("engine out of memory"))
+        await settle()
+        assert sched.stats.keyframe_failures == 1 and not ex.pending("keyframes")
+        await clock.advance(0.6)  # after the back-off the batch is asked for again
+        assert ex.pending("keyframes")
+        ex.run_all()
+        await clock.advance(0.1)
+        assert ex.pending("render"), "rendering goes on once keyframes exist"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_known_audio_renders_ahead() -> None:
     sched, clock, ex, timeline, playout = make(workers=1)
     n = 16000

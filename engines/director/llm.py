@@ -249,7 +249,8 @@ class LLMDirector(Director):
         self.stats.windows += 1
         t0 = time.perf_counter()
         try:
-            window = await asyncio.wait_for(self._plan(request), self.config.timeout_s)
+            async with asyncio.timeout(self.config.timeout_s):  # not wait_for: see realtime.planner
+                window = await self._plan(request)
             self.stats.window_ms.append((time.perf_counter() - t0) * 1000)
             del self.stats.window_ms[:-200]
             return window
