@@ -222,38 +222,48 @@ class Session:
         """The pts now leaving (audio master clock)."""
         return max(self.clock.now() - self.settings.delay_s, 0.0)
 
-    def say(self, text: str) -> None:
+    def _replace_speech(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """New speech replaces the speech being prepared (what is queued still plays)."""
+        self._stop_speech()
+        self._tts_task = self._spawn(coro, name)
+
+    def _stop_speech(self) -> None:
         if self._tts_task is not None and not self._tts_task.done():
             self._tts_task.cancel()
-        self._tts_task = self._spawn(self._speak(text), "tts")
+
+    def _queue_speech(self, ana: np.ndarray, out: np.ndarray,
+                      phonemes: list[PhonemeEvent]) -> tuple[float, float]:
+        """Speech on the timeline, now (plus a little lead) or right after what is queued.
+
+        ``phonemes`` are relative to the speech's start. Returns its pts span; frames
+        already rendered from its start on (idle ones) are redone.
+        """
+        now = self.clock.now()
+        fps = self.engine.fps
+        t0 = round(max(now + TTS_LEAD_S, self.timeline.tts_until) * fps) / fps
+        placed = [PhonemeEvent(p.phoneme, t0 + p.start, t0 + p.end) for p in phonemes]
+        t1 = self.timeline.write_tts(t0, ana, out, placed, now)
+        self.scheduler.invalidate(t0)
+        return t0, t1
+
+    def say(self, text: str) -> None:
+        self._replace_speech(self._speak(text), "tts")
 
     async def _speak(self, text: str) -> None:
         loop = asyncio.get_running_loop()
         chunks = synthesize(text)
-        start: float | None = None
         while True:
             chunk = await loop.run_in_executor(None, next, chunks, None)
             if chunk is None:
                 break
-            now = self.clock.now()
-            # speech starts now (plus a little lead) or right after what is queued
-            t0 = max(now + TTS_LEAD_S, self.timeline.tts_until)
-            t0 = round(t0 * self.engine.fps) / self.engine.fps
-            phonemes = [PhonemeEvent(p.phoneme, t0 + p.start, t0 + p.end) for p in chunk.phonemes]
-            t1 = self.timeline.write_tts(t0, chunk.ana, chunk.out, phonemes, now)
-            if start is None:
-                start = t0
-            # the render head may already be past t0 with idle frames: redo them
-            self.scheduler.invalidate(t0)
+            t0, t1 = self._queue_speech(chunk.ana, chunk.out, chunk.phonemes)
             await self.planner.plan_utterance(t0, t1, text)
             self.scheduler.notify()
         log.info("[%s] said %d characters", self.id, len(text))
 
     def play(self, ana: np.ndarray, out: np.ndarray) -> None:
         """Uploaded speech (16 kHz and 48 kHz mono): spoken next, like Say text."""
-        if self._tts_task is not None and not self._tts_task.done():
-            self._tts_task.cancel()
-        self._tts_task = self._spawn(self._play(ana, out), "upload")
+        self._replace_speech(self._play(ana, out), "upload")
 
     async def _play(self, ana: np.ndarray, out: np.ndarray) -> None:
         from engines.director.models import transcriber
@@ -265,10 +275,7 @@ class Session:
         except Exception as exc:  # no words: the director still has the prosody
             log.warning("[%s] upload transcript failed: %s: %s", self.id, type(exc).__name__, exc)
             segments = []
-        now = self.clock.now()
-        t0 = round(max(now + TTS_LEAD_S, self.timeline.tts_until) * self.engine.fps) / self.engine.fps
-        t1 = self.timeline.write_tts(t0, ana, out, [], now)
-        self.scheduler.invalidate(t0)
+        t0, t1 = self._queue_speech(ana, out, [])
         text = " ".join(s.text for s in segments)
         spans = [(t0 + s.start, t0 + s.end, s.text) for s in segments]
         await self.planner.plan_utterance(t0, t1, text, spans)
@@ -285,8 +292,7 @@ class Session:
         self.send({"type": "ack", "for": "instruct", "from_pts": round(cut, 3)})
 
     def interrupt(self) -> None:
-        if self._tts_task is not None and not self._tts_task.done():
-            self._tts_task.cancel()
+        self._stop_speech()
         cut = self.playing_pts() + 1.0 / self.engine.fps
         cut = self.scheduler.invalidate(cut)
         self.timeline.cut_tts(cut)
@@ -328,7 +334,7 @@ class Session:
             "speaking": self.timeline.speaking_tts(self.playing_pts()),
             "director": self.planner.director.name,
             "director_failures": self.planner.failures,
-            "director_fallbacks": getattr(getattr(self.planner.director, "stats", None), "fallbacks", 0),
+            "director_fallbacks": self.planner.director.fallbacks,
             "instructions": len(self.planner.instructions),
             "shot": shot.model_dump(mode="json") if shot is not None else None,
         }

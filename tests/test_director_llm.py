@@ -11,7 +11,6 @@ is under test.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -181,4 +180,4 @@ def test_answers_are_repaired_where_they_can_be() -> None:
         extract_json("no json here")
     with pytest.raises(ValueError):
         LLMConfig(base_url="ftp://x", model="m")
-    assert json.loads(json.dumps(LLMConfig(base_url="http://x/v1", model="m").max_rounds)) == 2
+    assert LLMConfig(base_url="http://x/v1", model="m").max_rounds == 2

@@ -47,6 +47,11 @@ class Director(abc.ABC):
     async def plan_window(self, request: PlanRequest) -> Window:
         """Return the plan for ``[request.start, request.end)``."""
 
+    @property
+    def fallbacks(self) -> int:
+        """Windows this director handed to a fallback (the LLM director's timeouts)."""
+        return 0
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release resources (HTTP sessions, model handles)."""
 

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -43,7 +43,7 @@ from engines.director.experts import (
 )
 from engines.director.instructions import Directives, read_instructions
 from engines.director.language import read_line
-from engines.director.models import transcriber
+from engines.director.models import Segment, transcriber
 from engines.director.prosody import measure
 from engines.director.protocol import Limits, Proposal, Round, apply_limits, merge
 from engines.storyline import EmotionLabel, GazeTarget, Shot, Window
@@ -99,6 +99,16 @@ def _transcription_budget() -> _TranscriptionBudget:
     return _TranscriptionBudget()
 
 
+def previous_shot(history: list[Window], start: float) -> Shot | None:
+    """The latest planned shot that ends by ``start`` (what the next one eases from)."""
+    best: Shot | None = None
+    for w in history:
+        for s in w.shots:
+            if s.end <= start + 1e-6 and (best is None or s.end > best.end):
+                best = s
+    return best
+
+
 def _sentences(text: str) -> list[tuple[int, int, str]]:
     out = []
     for m in re.finditer(r"[^.!?]+[.!?]*", text):
@@ -108,22 +118,24 @@ def _sentences(text: str) -> list[tuple[int, int, str]]:
     return out or [(0, len(text), text)]
 
 
-class _LRU(OrderedDict[str, object]):
+class _LRU(Generic[T]):
+    """A small thread-safe cache: the value for a key, made once."""
+
     def __init__(self, size: int) -> None:
-        super().__init__()
         self.size = size
         self.lock = threading.Lock()
+        self.items: OrderedDict[str, T] = OrderedDict()
 
-    def get_or(self, key: str, make: object) -> object:
+    def get_or(self, key: str, make: Callable[[], T]) -> T:
         with self.lock:
-            if key in self:
-                self.move_to_end(key)
-                return self[key]
-        value = make() if callable(make) else make
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = make()
         with self.lock:
-            self[key] = value
-            while len(self) > self.size:
-                self.popitem(last=False)
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
         return value
 
 
@@ -141,9 +153,9 @@ class EmbeddedDirector(Director):
         self.visual = VisualExpert()
         self.text = TextExpert()
         self.negative = NegativeDirector()
-        self._visuals = _LRU(16)
-        self._directives = _LRU(64)
-        self._transcripts = _LRU(64)
+        self._visuals: _LRU[VisualFacts | None] = _LRU(16)
+        self._directives: _LRU[Directives] = _LRU(64)
+        self._transcripts: _LRU[list[Segment]] = _LRU(64)
         self.exchanges: list[Exchange] = []  # the latest windows' exchanges, newest last
         self._live: tuple[str, float, float, float] | None = None  # text, words span, audio end
         self._live_job: Future[tuple[str, float, float, float]] | None = None
@@ -160,22 +172,23 @@ class EmbeddedDirector(Director):
 
     # --- perception ----------------------------------------------------------------
     def visual_facts(self, request: PlanRequest) -> VisualFacts | None:
-        if request.avatar_image is None:
+        image = request.avatar_image
+        if image is None:
             return None
-        key = request.avatar_id or hashlib.sha1(request.avatar_image.tobytes()).hexdigest()
+        key = request.avatar_id or hashlib.sha1(image.tobytes()).hexdigest()
 
         def make() -> VisualFacts | None:
             try:
-                return analyse_portrait(request.avatar_image)  # type: ignore[arg-type]
+                return analyse_portrait(image)
             except ValueError as exc:
                 log.warning("[%s] visual expert: %s", request.session_id, exc)
                 return None
 
-        return self._visuals.get_or(key, make)  # type: ignore[return-value]
+        return self._visuals.get_or(key, make)
 
     def directives(self, instructions: list[str]) -> Directives:
         key = "\x00".join(instructions)
-        return self._directives.get_or(key, lambda: read_instructions(instructions))  # type: ignore[return-value]
+        return self._directives.get_or(key, lambda: read_instructions(instructions))
 
     def transcript(self, audio: np.ndarray, offset: float) -> tuple[str, float, float]:
         """Words of the audio and the pts span they were spoken in ('' if none)."""
@@ -183,7 +196,6 @@ class EmbeddedDirector(Director):
             return "", offset, offset
         key = hashlib.sha1(audio.tobytes()).hexdigest()
         segs = self._transcripts.get_or(key, lambda: transcriber().transcribe(audio))
-        assert isinstance(segs, list)
         if not segs:
             return "", offset, offset
         text = " ".join(s.text for s in segs)
@@ -226,7 +238,7 @@ class EmbeddedDirector(Director):
     # --- planning --------------------------------------------------------------------
     def plan_sync(self, req: PlanRequest) -> Window:
         shots: list[Shot] = []
-        prev = self._previous_shot(req.history, req.start)
+        prev = previous_shot(req.history, req.start)
         for ev in self.perceive(req):
             board, rounds = self.debate(ev)
             shot = self.finish(ev, prev, board, rounds)
@@ -334,15 +346,6 @@ class EmbeddedDirector(Director):
             if t0 < s1 and t1 > s0:
                 out.append(sent)
         return " ".join(out) or text
-
-    @staticmethod
-    def _previous_shot(history: list[Window], start: float) -> Shot | None:
-        best: Shot | None = None
-        for w in history:
-            for s in w.shots:
-                if s.end <= start + 1e-6 and (best is None or s.end > best.end):
-                    best = s
-        return best
 
     def debate(self, ev: Evidence) -> tuple[list[Proposal], list[Round]]:
         """Rounds of proposals until nobody changes their mind (or ``max_rounds``)."""

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engines.director.instructions import Directives
-from engines.director.language import Reading
+from engines.director.language import ENGLISH_COMMON, Reading
+from engines.director.models import sentence_encoder
 from engines.director.prosody import Prosody
 from engines.director.protocol import Limits, Priority, Proposal
 from engines.storyline import EmotionLabel, Framing, GazeTarget, Gesture, GestureKind, Window
@@ -241,9 +242,6 @@ TOPIC_LINE_SIM = 0.5  # or the whole line this close to "talking about <topic>"
 
 def _topic_matches(topic: str, ev: Evidence) -> bool:
     """Whether the line is about a topic: a shared word, a word close to it, or a close line."""
-    from engines.director.language import ENGLISH_COMMON
-    from engines.director.models import sentence_encoder
-
     text = ev.transcript.lower()
     if not text:
         return False

@@ -89,6 +89,7 @@ INTENT_EXAMPLES: dict[str, tuple[str, ...]] = {
     "gesture:tilt": ("tilt your head",),
 }
 INTENT_THRESHOLD = 0.62
+RESET = re.compile(r"\b(reset|forget|clear)\b.*\b(instructions?|everything|rules|that)\b|^reset$")
 
 
 @dataclass(slots=True)
@@ -193,10 +194,6 @@ def _apply(d: Directives, clause: str, *, use_embeddings: bool) -> bool:
     if re.search(r"[{}<>\[\]]|\"\s*:", c):
         return False  # markup or JSON is not an instruction (and not a way to set values)
     neg = re.search(NEG, c) is not None
-    if re.search(r"\b(reset|forget|clear)\b.*\b(instructions?|everything|rules|that)\b|^reset$", c):
-        d.__init__()  # type: ignore[misc]
-        d.understood.append(c)
-        return True
     # head motion
     if re.search(r"\b(head|still|moving|move|motion|movement|steady|static|motionless)\b", c) and (
             neg and re.search(r"\b(move|moving|motion|movement)\b", c)
@@ -325,7 +322,9 @@ def read_instructions(instructions: list[str], *, use_embeddings: bool = True) -
     d = Directives()
     for text in instructions:
         for c in clauses(text):
-            if _apply(d, c, use_embeddings=use_embeddings):
+            if RESET.search(c):  # drops everything said before
+                d = Directives(understood=[c])
+            elif _apply(d, c, use_embeddings=use_embeddings):
                 d.understood.append(c)
             else:
                 d.ignored.append(c)

@@ -42,7 +42,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engines.director.base import Director, PlanRequest
-from engines.director.embedded import EmbeddedDirector
+from engines.director.embedded import EmbeddedDirector, previous_shot
 from engines.director.experts import Evidence
 from engines.director.protocol import Limits, Priority, Proposal, Round
 from engines.storyline import EmotionLabel, GazeTarget, Gesture, GestureKind, Shot, Window
@@ -142,11 +142,6 @@ def _clean(text: str, limit: int = MAX_PROMPT_TEXT) -> str:
     return text[:limit]
 
 
-def _schema(model: type[BaseModel]) -> dict[str, Any]:
-    schema = model.model_json_schema()
-    return schema
-
-
 def extract_json(content: str) -> Any:
     """The first JSON object in a model's answer, repairing common slips; ValueError if none."""
     text = re.sub(r"```(?:json)?", "", content).strip()
@@ -238,6 +233,10 @@ class LLMDirector(Director):
         self._http: aiohttp.ClientSession | None = None
         self._format = "json_schema"  # downgraded once if the server does not support it
 
+    @property
+    def fallbacks(self) -> int:
+        return self.stats.fallbacks
+
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.close()
@@ -274,7 +273,7 @@ class LLMDirector(Director):
         negatives = await self._negatives(main, board)
         extra = Limits(negatives=negatives)
         shots: list[Shot] = []
-        prev = self.fallback._previous_shot(req.history, req.start)
+        prev = previous_shot(req.history, req.start)
         for ev in evidence:
             if ev is main:
                 posts = [self._to_proposal(name, ans, ev) for name, ans in board.items()]
@@ -372,11 +371,12 @@ class LLMDirector(Director):
 
     # --- transport ---------------------------------------------------------------------
     def _response_format(self, model: type[BaseModel]) -> dict[str, Any] | None:
+        schema = model.model_json_schema()
         if self._format == "json_schema":
-            return {"type": "json_schema",
-                    "json_schema": {"name": model.__name__, "schema": _schema(model), "strict": True}}
+            return {"type": "json_schema", "json_schema": {"name": model.__name__, "schema": schema,
+                                                           "strict": True}}
         if self._format == "json_object":
-            return {"type": "json_object", "schema": _schema(model)}
+            return {"type": "json_object", "schema": schema}
         return None
 
     async def _post(self, messages: list[dict[str, str]], model: type[BaseModel]) -> str:
@@ -427,7 +427,7 @@ class LLMDirector(Director):
                 conv.append({"role": "assistant", "content": content[:1000]})
                 conv.append({"role": "user", "content": "That answer is not valid "
                              f"({str(exc).splitlines()[0][:150]}). Answer again with only the JSON "
-                             f"object for this schema: {json.dumps(_schema(model))}"})
+                             f"object for this schema: {json.dumps(model.model_json_schema())}"})
                 continue
             self.turns.append(Turn(name, rnd, len(conv), content[:500], True, ms))
             conv.append({"role": "assistant", "content": content[:1000]})

@@ -104,17 +104,22 @@ _LOAD_LOCK = threading.Lock()
 
 
 @functools.cache
-def _loaded(kind: str) -> Any:
-    return SentenceEncoder() if kind == "encoder" else Transcriber()
+def _encoder() -> SentenceEncoder:
+    return SentenceEncoder()
+
+
+@functools.cache
+def _transcriber() -> Transcriber:
+    return Transcriber()
 
 
 def sentence_encoder() -> SentenceEncoder:
     """The process-wide sentence encoder (loaded on first use, ~1 s)."""
     with _LOAD_LOCK:
-        return _loaded("encoder")  # type: ignore[no-any-return]
+        return _encoder()
 
 
 def transcriber() -> Transcriber:
     """The process-wide transcriber (loaded on first use, ~0.5 s)."""
     with _LOAD_LOCK:
-        return _loaded("transcriber")  # type: ignore[no-any-return]
+        return _transcriber()

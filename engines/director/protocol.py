@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.storyline import (
     EmotionLabel,
-    Expression,
     Framing,
     GazeTarget,
     Gesture,
@@ -99,6 +98,8 @@ class Round(BaseModel):
     proposals: list[Proposal]
 
 
+OFFSET_BOUND = {"smile": 2.0, "brow_raise": 1.0, "brow_frown": 1.0}  # Expression's field bounds
+
 SCALAR_FIELDS = ("emotion", "intensity", "smile", "brow_raise", "brow_frown", "eye_openness",
                  "gaze", "head_motion", "framing")
 
@@ -127,31 +128,23 @@ def merge(proposals: list[Proposal], start: float, end: float) -> tuple[Shot, li
                              f"({win.priority.name.lower()}) over {lose.expert}'s "
                              f"{lose.emotion.value if lose.emotion else '-'}")
     # gestures: every proposal's, one per kind and time, the higher priority kept
-    gestures: list[tuple[Priority, Gesture]] = []
+    gestures: list[Gesture] = []
     for p in sorted(proposals, key=lambda p: -int(p.priority)):
         for g in p.gestures:
             if not start <= g.at < end:
                 continue
-            if any(abs(o.at - g.at) < 0.6 for _, o in gestures):
+            if any(abs(o.at - g.at) < 0.6 for o in gestures):
                 continue  # one gesture at a time: the higher priority one stays
-            gestures.append((p.priority, g))
-    label = values.get("emotion", EmotionLabel.neutral)
-    assert isinstance(label, EmotionLabel)
-    intensity = float(values.get("intensity", 0.0 if label == EmotionLabel.neutral else 0.5))  # type: ignore[arg-type]
-    shot = Shot(
-        start=start, end=end,
-        emotion={"label": label, "intensity": 0.0 if label == EmotionLabel.neutral else intensity},
-        expression=Expression(
-            smile=float(values.get("smile", 0.0)),  # type: ignore[arg-type]
-            brow_raise=float(values.get("brow_raise", 0.0)),  # type: ignore[arg-type]
-            brow_frown=float(values.get("brow_frown", 0.0)),  # type: ignore[arg-type]
-            eye_openness=float(values.get("eye_openness", 1.0)),  # type: ignore[arg-type]
-        ),
-        gestures=sorted((g for _, g in gestures), key=lambda g: g.at),
-        gaze=values.get("gaze", GazeTarget.camera),
-        head_motion=float(values.get("head_motion", 0.5)),  # type: ignore[arg-type]
-        framing=values.get("framing", Framing.close_up),
-    )
+            gestures.append(g)
+    label = values.pop("emotion", EmotionLabel.neutral)
+    intensity = values.pop("intensity", 0.5)
+    face = {k: values.pop(k) for k in ("smile", "brow_raise", "brow_frown", "eye_openness") if k in values}
+    shot = Shot.model_validate({
+        "start": start, "end": end,
+        "emotion": {"label": label, "intensity": 0.0 if label == EmotionLabel.neutral else intensity},
+        "expression": face, "gestures": sorted(gestures, key=lambda g: g.at),
+        **values,  # gaze, head_motion, framing; the schema's defaults where nobody spoke
+    })
     return shot, conflicts
 
 
@@ -192,8 +185,7 @@ def apply_limits(shot: Shot, limits: Limits) -> tuple[Shot, list[str]]:
         ex_upd["brow_frown"] = ex.brow_frown - (frown - limits.brow_frown_max)
         changed.append("frown capped")
     if ex_upd:
-        ex_upd = {k: min(max(v, -1.0 if k != "smile" else -2.0), 1.0 if k != "smile" else 2.0)
-                  for k, v in ex_upd.items()}
+        ex_upd = {k: min(max(v, -OFFSET_BOUND[k]), OFFSET_BOUND[k]) for k, v in ex_upd.items()}
         upd["expression"] = ex.model_copy(update=ex_upd)
     negative = ", ".join(limits.negatives)
     upd["negative_prompt"] = negative[:2000]
