@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         w0, c0 = time.perf_counter(), time.process_time()
         count = 0
         for a, b in zip(kfs, kfs[1:], strict=False):
-            count += len(engine.subclip(prep, a, b, audio, shot)) - 1
+            count += len(engine.subclip(prep, a, b, [audio], [shot])) - 1
         wall.append(count / (time.perf_counter() - w0))
         cpu.append(count / (time.process_time() - c0))
     result = {"frames_per_repeat": count, "size": list(engine.size),

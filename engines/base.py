@@ -5,12 +5,20 @@ stages, so it never cares which engine runs:
 
 1. ``prepare(avatar)``: analyse the reference image once and cache the result.
 2. ``keyframes(prepared, shots, times)``: blueprint keyframes for a window.
-3. ``subclip(prepared, first, last, audio, shot)``: frames from one keyframe
-   to the next, synced to the audio of that interval. The returned frames are
+3. ``subclip(prepared, first, last, audios, shots)``: frames from one keyframe
+   to the next, synced to the audio of that interval; one audio slice and one
+   shot per character of the avatar (``characters(prepared)``, usually one). The returned frames are
    at ``first.pts + k / fps`` for ``k = 0 .. n`` where ``last.pts = first.pts
    + n / fps``: both ends included, and frame 0 and frame n must match the
    keyframes, so consecutive sub-clips join exactly.
 4. ``upscale(frames)``: optional super-resolution.
+
+Two more things the scheduler needs, declared by every engine:
+
+* ``idle_frame(prepared)``: what is shown before anything was rendered;
+* ``min_subclip_frames``: the shortest sub-clip the engine produces without
+  waste (a video VAE that codes frames four at a time generates four frames
+  whatever it is asked for). The scheduler never asks for fewer.
 
 Frames are RGB ``uint8`` arrays of shape ``(height, width, 3)``.
 """
@@ -102,6 +110,8 @@ class Engine(abc.ABC):
     """Base class of all engines (see the module docstring for the contract)."""
 
     name: str = "engine"
+    min_subclip_frames: int = 1
+    """The fewest frame intervals between two keyframes this engine renders without waste."""
 
     def __init__(self, *, fps: int = 25, size: tuple[int, int] = (512, 512)) -> None:
         if fps <= 0:
@@ -119,9 +129,19 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def subclip(
-        self, prepared: Any, first: Keyframe, last: Keyframe, audio: AudioSlice, shot: Shot
+        self, prepared: Any, first: Keyframe, last: Keyframe, audios: Sequence[AudioSlice],
+        shots: Sequence[Shot],
     ) -> list[np.ndarray]:
-        """Frames from ``first`` to ``last`` inclusive, synced to ``audio``."""
+        """Frames from ``first`` to ``last`` inclusive; character ``c`` speaks ``audios[c]``
+        and follows ``shots[c]``."""
+
+    def characters(self, prepared: Any) -> int:
+        """How many characters the prepared avatar has (each with its own audio and shots)."""
+        return 1
+
+    @abc.abstractmethod
+    def idle_frame(self, prepared: Any) -> np.ndarray:
+        """The frame shown before the first sub-clip is rendered (output size)."""
 
     def upscale(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         """Super-resolution; the identity unless an engine has an SR stage."""

@@ -446,6 +446,9 @@ class PortraitEngine(Engine):
             teeth=_teeth_patch(image, lm, face_h),
         )
 
+    def idle_frame(self, prepared: PreparedPortrait) -> np.ndarray:
+        return prepared.image
+
     # 2. keyframes ---------------------------------------------------------------
     def keyframes(self, prepared: PreparedPortrait, shots: Sequence[Shot],
                   times: Sequence[float]) -> list[Keyframe]:
@@ -461,7 +464,8 @@ class PortraitEngine(Engine):
 
     # 3. sub-clips -----------------------------------------------------------------
     def subclip(self, prepared: PreparedPortrait, first: Keyframe, last: Keyframe,
-                audio: AudioSlice, shot: Shot) -> list[np.ndarray]:
+                audios: Sequence[AudioSlice], shots: Sequence[Shot]) -> list[np.ndarray]:
+        audio, shot = audios[0], shots[0]
         n = self.frames_between(first, last)
         times = [first.pts + k / self.fps for k in range(n + 1)]
         shots = [shot]

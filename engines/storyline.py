@@ -76,6 +76,7 @@ class Shot(BaseModel):
     model_config = ConfigDict(extra="forbid")
     start: float = Field(ge=0.0)
     end: float = Field(ge=0.0)
+    character: int = Field(0, ge=0, le=1, description="whose shot: 0 or 1 in a two-person photo")
     emotion: Emotion = Field(default_factory=Emotion)
     expression: Expression = Field(default_factory=Expression)
     gestures: list[Gesture] = Field(default_factory=list)

@@ -100,7 +100,8 @@ class CascadeScheduler:
         self.session_id = session_id
         self.stats = SchedulerStats()
         self.fps = engine.fps
-        self.n = self.config.subclip_frames
+        # never shorter than the engine renders without waste
+        self.n = max(self.config.subclip_frames, engine.min_subclip_frames)
         self.clip_s = self.n / self.fps
         self.next_clip = 0
         self.keyframes: dict[int, Keyframe] = {}  # boundary index -> keyframe
@@ -227,7 +228,7 @@ class CascadeScheduler:
     def _render_blocking(self, i: int, first: Keyframe, last: Keyframe, shot: Shot,
                          audio: Any) -> tuple[list[np.ndarray], float]:
         t = time.perf_counter()
-        frames = self.engine.subclip(self.prepared, first, last, audio, shot)
+        frames = self.engine.subclip(self.prepared, first, last, [audio], [shot])
         frames = self.engine.upscale(frames)
         return frames, (time.perf_counter() - t) * 1000
 

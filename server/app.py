@@ -122,7 +122,7 @@ class AvatarServer:
         step = self.config.subclip_frames / self.engine.fps
         kfs = self.engine.keyframes(prepared, [shot], [0.0, step])
         audio = AudioSlice(start=-0.3, samples=np.zeros(round((0.3 + step) * AUDIO_RATE), np.float32))
-        self.engine.upscale(self.engine.subclip(prepared, kfs[0], kfs[1], audio, shot))
+        self.engine.upscale(self.engine.subclip(prepared, kfs[0], kfs[1], [audio], [shot]))
 
     async def shutdown(self, app: web.Application) -> None:
         await asyncio.gather(*(s.close() for s in list(self.sessions.values())),
@@ -138,10 +138,7 @@ class AvatarServer:
             avatar: Avatar = await self.store.load(avatar_id)
             loop = asyncio.get_running_loop()
             prep = await loop.run_in_executor(self.executor, self.engine.prepare, avatar)
-            idle = getattr(prep, "image", None)
-            if idle is None:
-                w, h = self.engine.size
-                idle = np.zeros((h, w, 3), np.uint8)
+            idle = self.engine.idle_frame(prep)
             self._prepared[avatar_id] = (prep, avatar.image, idle)
             while len(self._prepared) > 8:
                 self._prepared.popitem(last=False)

@@ -71,11 +71,11 @@ def test_stage_shapes(engine: DitEngine) -> None:
     assert all(k.image is not None and k.image.shape == (64, 64, 3) for k in keys)
     assert all(k.state.latent.shape == (1, 4, 1, 8, 8) for k in keys)
     for first, last, n in ((keys[0], keys[1], 4), (keys[0], keys[2], 8)):
-        frames = engine.subclip(prepared, first, last, speech(1.0), default_shot(0, 1))
+        frames = engine.subclip(prepared, first, last, [speech(1.0)], [default_shot(0, 1)])
         assert len(frames) == n + 1 and all(f.shape == (64, 64, 3) and f.dtype == np.uint8 for f in frames)
         assert np.array_equal(frames[0], first.image) and np.array_equal(frames[-1], last.image)
     odd = Keyframe(pts=7 / FPS, state=None, image=keys[1].image)  # 7 frames: not 1 + 4k
-    assert len(engine.subclip(prepared, keys[0], odd, speech(1.0), default_shot(0, 1))) == 8
+    assert len(engine.subclip(prepared, keys[0], odd, [speech(1.0)], [default_shot(0, 1)])) == 8
     up = engine.upscale(frames)
     assert len(up) == len(frames) and all(f.shape == (128, 128, 3) for f in up)
     assert engine.size == (128, 128) and engine.fps == FPS
@@ -98,11 +98,11 @@ def test_first_last_frame_conditioning_reaches_the_subclip(engine: DitEngine) ->
     prepared = engine.prepare(portrait())
     keys = engine.keyframes(prepared, [default_shot(0, 1)], [0.0, STEP])
     audio, shot = speech(1.0), default_shot(0, 1)
-    base = engine.subclip(prepared, keys[0], keys[1], audio, shot)
+    base = engine.subclip(prepared, keys[0], keys[1], [audio], [shot])
     other_last = Keyframe(pts=STEP, state=None, image=255 - keys[1].image)
-    changed = engine.subclip(prepared, keys[0], other_last, audio, shot)
+    changed = engine.subclip(prepared, keys[0], other_last, [audio], [shot])
     assert any(not np.array_equal(a, b) for a, b in zip(base[1:-1], changed[1:-1], strict=True))
-    louder = engine.subclip(prepared, keys[0], keys[1], speech(1.0, seed=9), shot)
+    louder = engine.subclip(prepared, keys[0], keys[1], [speech(1.0, seed=9)], [shot])
     assert any(not np.array_equal(a, b) for a, b in zip(base[1:-1], louder[1:-1], strict=True))
 
 
@@ -189,11 +189,11 @@ def test_bad_calls_are_rejected(engine: DitEngine) -> None:
             prepared,
             key,
             Keyframe(pts=0.01, state=None, image=prepared.image),
-            speech(1.0),
-            default_shot(0, 1),
+            [speech(1.0)],
+            [default_shot(0, 1)],
         )
     with pytest.raises(ValueError, match="no image"):
-        engine.subclip(prepared, key, Keyframe(pts=STEP, state=None), speech(1.0), default_shot(0, 1))
+        engine.subclip(prepared, key, Keyframe(pts=STEP, state=None), [speech(1.0)], [default_shot(0, 1)])
     with pytest.raises(ValueError, match="upscale takes 64x64"):
         engine.upscale([np.zeros((32, 32, 3), np.uint8)])
 
@@ -202,7 +202,7 @@ def test_bf16_engine_runs(engine: DitEngine) -> None:
     half = build_dit_engine(None, random_weights=True, dtype="bf16", config="tiny")
     prepared = half.prepare(portrait())
     keys = half.keyframes(prepared, [default_shot(0, 1)], [0.0, STEP])
-    frames = half.subclip(prepared, keys[0], keys[1], speech(1.0), default_shot(0, 1))
+    frames = half.subclip(prepared, keys[0], keys[1], [speech(1.0)], [default_shot(0, 1)])
     assert len(frames) == 5 and half.parts.subclip.backbone.proj_out.weight.dtype == torch.bfloat16
 
 
@@ -237,5 +237,5 @@ def test_cfg_with_the_negative_directors_prompts(engine: DitEngine) -> None:
     keys = guided.keyframes(prepared, shots, [0.0, STEP])
     other = [shots[0].model_copy(update={"negative_prompt": "distorted mouth"}), shots[1]]
     assert not np.array_equal(keys[1].image, guided.keyframes(prepared, other, [0.0, STEP])[1].image)
-    frames = guided.subclip(prepared, keys[0], keys[1], speech(1.0), shots[0])
+    frames = guided.subclip(prepared, keys[0], keys[1], [speech(1.0)], [shots[0]])
     assert len(frames) == 5

@@ -249,7 +249,7 @@ def test_flf2v_layout_backbones_with_clip_image_embeddings(tmp_path: pathlib.Pat
     prepared = engine.prepare(Avatar("a", np.full((64, 64, 3), 120, np.uint8)))
     keys = engine.keyframes(prepared, [default_shot(0, 1)], [0.0, 0.16])
     audio = AudioSlice(start=0.0, samples=np.zeros(AUDIO_RATE, np.float32))
-    frames = engine.subclip(prepared, keys[0], keys[1], audio, default_shot(0, 1))
+    frames = engine.subclip(prepared, keys[0], keys[1], [audio], [default_shot(0, 1)])
     assert len(frames) == 5 and frames[2].shape == (64, 64, 3)
     embeds = engine.image_embeds_for(engine.parts.subclip, [keys[0].image, keys[1].image])
     assert embeds is not None and embeds.shape == (2, clip_tokens, 16)  # first and last image

@@ -83,8 +83,8 @@ def test_subclip_joins_land_exactly_on_keyframes() -> None:
     times = [0.0, 0.08, 0.16]
     kfs = engine.keyframes(prep, [shot], times)
     audio = silence(-0.3, 0.16)
-    a = engine.subclip(prep, kfs[0], kfs[1], audio, shot)
-    b = engine.subclip(prep, kfs[1], kfs[2], audio, shot)
+    a = engine.subclip(prep, kfs[0], kfs[1], [audio], [shot])
+    b = engine.subclip(prep, kfs[1], kfs[2], [audio], [shot])
     assert len(a) == len(b) == 3
     assert np.array_equal(a[-1], b[0])  # the join is the same frame
     assert np.array_equal(a[0], engine.keyframe_image(prep, kfs[0]))
@@ -99,7 +99,7 @@ def test_subclip_meets_keyframes_from_another_plan() -> None:
     new = Shot(start=0.0, end=10.0, emotion=Emotion(label=EmotionLabel.happy, intensity=1.0))
     first = engine.keyframes(prep, [old], [0.4])[0]
     last = engine.keyframes(prep, [new], [0.48])[0]
-    frames = engine.subclip(prep, first, last, silence(0.1, 0.48), new)
+    frames = engine.subclip(prep, first, last, [silence(0.1, 0.48)], [new])
     assert np.array_equal(frames[0], engine.keyframe_image(prep, first))
     assert np.array_equal(frames[-1], engine.keyframe_image(prep, last))
 
@@ -116,7 +116,7 @@ def test_speech_drives_the_mouth_and_silence_keeps_it_closed() -> None:
     kfs = engine.keyframes(prep, [shot], times[::5])
     openings = []
     for k0, k1 in zip(kfs, kfs[1:], strict=False):
-        for frame in engine.subclip(prep, k0, k1, audio, shot)[:-1]:
+        for frame in engine.subclip(prep, k0, k1, [audio], [shot])[:-1]:
             openings.append(mouth_opening(analyse_face(frame).landmarks))
     openings_arr = np.array(openings)
     quiet = openings_arr[: int(0.45 * 25)]

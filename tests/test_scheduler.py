@@ -53,14 +53,17 @@ class CountingEngine(Engine):
     def prepare(self, avatar: Any) -> None:
         return None
 
+    def idle_frame(self, prepared: Any) -> np.ndarray:
+        return np.zeros((8, 8, 3), np.uint8)
+
     def keyframes(self, prepared: Any, shots: Sequence[Shot], times: Sequence[float]) -> list[Keyframe]:
         return [Keyframe(pts=t, state=t, image=self.frame(t)) for t in times]
 
     def frame(self, t: float) -> np.ndarray:
         return np.full((8, 8, 3), round(t * 25) % 256, np.uint8)
 
-    def subclip(self, prepared: Any, first: Keyframe, last: Keyframe, audio: AudioSlice,
-                shot: Shot) -> list[np.ndarray]:
+    def subclip(self, prepared: Any, first: Keyframe, last: Keyframe, audios: Sequence[AudioSlice],
+                shots: Sequence[Shot]) -> list[np.ndarray]:
         n = self.frames_between(first, last)
         frames = [self.frame(first.pts + k / 25) for k in range(n + 1)]
         frames[0], frames[-1] = first.image, last.image  # first-last-frame

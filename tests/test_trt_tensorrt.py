@@ -182,6 +182,6 @@ def test_the_server_engine_picks_the_engines_up(built: pathlib.Path) -> None:
     for e in (engine, eager):
         prepared = e.prepare(avatar)
         keys = e.keyframes(prepared, [shot], [0.0, 0.08])
-        frames.append(e.subclip(prepared, keys[0], keys[1], audio, shot))
+        frames.append(e.subclip(prepared, keys[0], keys[1], [audio], [shot]))
     for a, b in zip(*frames, strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 8

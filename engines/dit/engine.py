@@ -102,6 +102,8 @@ class DitEngine(Engine):
         self.parts = components
         self.config = cfg
         self.codec = LatentCodec(components.vae)
+        # the VAE codes video ``temporal`` frames at a time: shorter sub-clips are wasted work
+        self.min_subclip_frames = self.codec.temporal
         self.random_weights = random_weights
         self.device = self.codec.device
         self.sampler = SamplerConfig(cfg.steps, cfg.shift, cfg.guidance_scale)
@@ -192,6 +194,9 @@ class DitEngine(Engine):
         latent = self.codec.encode_images([image])
         return DitPrepared(avatar_id=avatar.id, image=image, latent=latent)
 
+    def idle_frame(self, prepared: DitPrepared) -> np.ndarray:
+        return fit_image(prepared.image, self.size)
+
     def keyframes(
         self, prepared: DitPrepared, shots: Sequence[Shot], times: Sequence[float]
     ) -> list[Keyframe]:
@@ -230,9 +235,10 @@ class DitEngine(Engine):
         ]
 
     def subclip(
-        self, prepared: DitPrepared, first: Keyframe, last: Keyframe, audio: AudioSlice, shot: Shot
+        self, prepared: DitPrepared, first: Keyframe, last: Keyframe, audios: Sequence[AudioSlice],
+        shots: Sequence[Shot],
     ) -> list[np.ndarray]:
-        return self.subclip_multi(prepared, first, last, [audio], shot).frames
+        return self.subclip_multi(prepared, first, last, audios, shots[0]).frames
 
     def subclip_multi(
         self,
