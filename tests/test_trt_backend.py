@@ -17,9 +17,9 @@ import torch
 from engines.dit import build_dit_engine, random_components
 from engines.dit.backend import select_backends
 from engines.dit.loading import DitComponents
+from engines.dit.tensorrt.manifest import BuildSettings, EngineEntry, Manifest, Target, config_hash
+from engines.dit.tensorrt.spec import SPEC_VERSION, stage_spec
 from trt_build.export import module_weights_hash
-from trt_build.manifest import BuildSettings, EngineEntry, Manifest, Target, config_hash
-from trt_build.spec import SPEC_VERSION, stage_spec
 
 H200 = Target("NVIDIA H200", (9, 0), "10.9.0.34")
 L40S = Target("NVIDIA L40S", (8, 9), "10.9.0.34")

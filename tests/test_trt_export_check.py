@@ -24,7 +24,7 @@ from engines.dit.backend import BackendChoice
 from engines.dit.conditioning import PrecomputedTextEmbeddings
 from engines.storyline import default_shot
 from trt_build import cli
-from trt_build.runtime import onnxruntime_forward
+from trt_build.check import onnxruntime_forward
 
 STAGES = "blueprint,subclip,vae_decoder"
 

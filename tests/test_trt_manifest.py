@@ -15,10 +15,7 @@ import pytest
 import torch
 
 from engines.dit.loading import random_components
-from trt_build import cli
-from trt_build.build import PlanError, dim_value, plan_builds, shapes_from_record
-from trt_build.export import EXPORT_FILE, ExportRecord, InputRecord
-from trt_build.manifest import (
+from engines.dit.tensorrt.manifest import (
     BuildSettings,
     EngineEntry,
     Manifest,
@@ -28,7 +25,10 @@ from trt_build.manifest import (
     refusal_reason,
     weights_hash,
 )
-from trt_build.spec import Profile, ProfileError
+from engines.dit.tensorrt.spec import Profile, ProfileError
+from trt_build import cli
+from trt_build.build import PlanError, dim_value, plan_builds, shapes_from_record
+from trt_build.export import EXPORT_FILE, ExportRecord, InputRecord
 
 H200 = Target("NVIDIA H200", (9, 0), "10.9.0.34")
 A100 = Target("NVIDIA A100-SXM4-80GB", (8, 0), "10.9.0.34")

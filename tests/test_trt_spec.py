@@ -11,7 +11,7 @@ import torch
 
 from engines.dit.loading import DitComponents, random_components
 from engines.dit.model import AudioCondition
-from trt_build.spec import (
+from engines.dit.tensorrt.spec import (
     Profile,
     ProfileError,
     SubclipSpec,

@@ -27,11 +27,11 @@ pytestmark = [
 from engines.base import AUDIO_RATE, AudioSlice, Avatar  # noqa: E402
 from engines.dit import build_dit_engine, random_components, save_components  # noqa: E402
 from engines.dit.conditioning import PrecomputedTextEmbeddings  # noqa: E402
+from engines.dit.tensorrt.manifest import Manifest  # noqa: E402
+from engines.dit.tensorrt.spec import load_profiles, stage_spec  # noqa: E402
 from engines.storyline import default_shot  # noqa: E402
 from trt_build import cli  # noqa: E402
 from trt_build.engine import TrtEngine  # noqa: E402
-from trt_build.manifest import Manifest  # noqa: E402
-from trt_build.spec import load_profiles, stage_spec  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
+from engines.dit.tensorrt.manifest import EngineEntry
+from engines.dit.tensorrt.spec import ExportSpec, Profile, variant_name
 from trt_build.check import points_of, session, to_numpy
 from trt_build.export import ONNX_FILE, find_exports
-from trt_build.manifest import EngineEntry
-from trt_build.spec import ExportSpec, Profile, variant_name
 from trt_build.timing import median, percentile, timer
 
 logger = logging.getLogger(__name__)

@@ -16,10 +16,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from trt_build.engine import BuildOptions, TrtEngine
+from engines.dit.tensorrt.manifest import (
+    BuildSettings,
+    EngineEntry,
+    Manifest,
+    Target,
+    engine_key,
+    file_sha256,
+)
+from engines.dit.tensorrt.spec import POINTS, Profile, ProfileError
+from trt_build.engine import BuildOptions, build_engine
 from trt_build.export import ONNX_FILE, ExportRecord, find_exports
-from trt_build.manifest import BuildSettings, EngineEntry, Manifest, Target, engine_key, file_sha256
-from trt_build.spec import POINTS, Profile, ProfileError
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +179,7 @@ def plan_builds(
 def run_build(job: BuildJob, manifest: Manifest, target: Target, options: BuildOptions) -> EngineEntry:
     """Build one job with TensorRT and record it in the manifest (saved at once)."""
     options = dataclasses.replace(options, precision=job.precision)
-    seconds = TrtEngine(job.path).build(job.onnx, job.shapes, options)
+    seconds = build_engine(job.path, job.onnx, job.shapes, options)
     entry = EngineEntry(
         key=job.key,
         stage=job.stage,

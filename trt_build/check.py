@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from trt_build.export import ONNX_FILE, ExportRecord
-from trt_build.spec import POINTS, ExportSpec, Profile
+from engines.dit.model import AvatarDiT, DiTOutput
+from engines.dit.tensorrt.manifest import config_hash
+from engines.dit.tensorrt.runtime import SpecForward
+from engines.dit.tensorrt.spec import POINTS, SPEC_VERSION, DitSpec, ExportSpec, Profile, stage_spec
+from trt_build.export import ONNX_FILE, ExportRecord, find_exports
 
 logger = logging.getLogger(__name__)
 
@@ -174,3 +178,39 @@ def format_rows(rows: Sequence[CheckRow]) -> str:
             f"{r.rtol:.3g} | {'ok' if r.ok else 'FAIL'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- onnxruntime
+class OrtForward(SpecForward):
+    """ONNX graphs of one stage in onnxruntime: for validation of the whole path on any machine."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        spec: DitSpec,
+        onnx_path: pathlib.Path,
+        fallback: Callable[..., DiTOutput],
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(spec, fallback)
+        self.session: Any = session(onnx_path, providers)
+
+    def run(self, feed: dict[str, torch.Tensor], axes: dict[str, int]) -> dict[str, torch.Tensor] | None:
+        device = feed["hidden_states"].device
+        got = self.session.run(None, {n: to_numpy(t) for n, t in feed.items()})
+        return {n: torch.from_numpy(v).to(device) for n, v in zip(self.spec.outputs, got, strict=True)}
+
+
+def onnxruntime_forward(stage: str, components: Any, onnx_dir: pathlib.Path) -> OrtForward:
+    """The exported ``stage`` graph of ``onnx_dir`` for these components (checked to match)."""
+    spec = stage_spec(stage, components)
+    assert isinstance(spec, DitSpec) and isinstance(spec.module, AvatarDiT)
+    dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[spec.dtype]
+    found = find_exports(onnx_dir, [stage], dtype)
+    if not found:
+        raise ValueError(f"no {dtype} export of {stage} in {onnx_dir}: run `avatar trt export`")
+    folder, record = found[0]
+    if record.config_hash != config_hash(spec.config, stage, {}, SPEC_VERSION):
+        raise ValueError(f"{folder} was exported from another model config")
+    return OrtForward(spec, folder / ONNX_FILE, spec.module.__call__)

@@ -115,7 +115,7 @@ def _load_components(args: argparse.Namespace, timings_dir: pathlib.Path | None)
 def _profiles(
     args: argparse.Namespace, components: Any, fallback_dir: pathlib.Path | None
 ) -> tuple[list[Any], str]:
-    from trt_build.spec import load_profiles, serving_profiles
+    from engines.dit.tensorrt.spec import load_profiles, serving_profiles
 
     if getattr(args, "profiles", None):
         return load_profiles(args.profiles), str(args.profiles)
@@ -159,7 +159,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 # --------------------------------------------------------------------------- profile
 def cmd_profile(args: argparse.Namespace) -> int:
-    from trt_build.spec import save_profiles, serving_profiles
+    from engines.dit.tensorrt.spec import save_profiles, serving_profiles
 
     components = _config_only(args)
     try:
@@ -233,9 +233,7 @@ def _config_only(args: argparse.Namespace) -> Any:
 
 # --------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
-    from trt_build.export import ExportError, export, module_weights_hash
-    from trt_build.progress import Timings
-    from trt_build.spec import (
+    from engines.dit.tensorrt.spec import (
         ProfileError,
         parse_stages,
         profiles_for,
@@ -243,6 +241,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         stage_spec,
         static_groups,
     )
+    from trt_build.export import ExportError, export, module_weights_hash
+    from trt_build.progress import Timings
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -301,10 +301,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- check
 def cmd_check(args: argparse.Namespace) -> int:
+    from engines.dit.tensorrt.manifest import config_hash
+    from engines.dit.tensorrt.spec import SPEC_VERSION, ProfileError, parse_stages, stage_spec
     from trt_build.check import CheckError, check_export, format_rows
     from trt_build.export import find_exports
-    from trt_build.manifest import config_hash
-    from trt_build.spec import SPEC_VERSION, ProfileError, parse_stages, stage_spec
 
     onnx_dir = pathlib.Path(args.onnx)
     if not onnx_dir.is_dir():
@@ -373,8 +373,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- build
 def _trt_target() -> Any:
+    from engines.dit.tensorrt.manifest import current_target
     from trt_build.engine import TensorRTUnavailable, import_tensorrt, require_gpu
-    from trt_build.manifest import current_target
 
     try:
         trt = import_tensorrt()
@@ -387,10 +387,10 @@ def _trt_target() -> Any:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from engines.dit.tensorrt.manifest import Manifest, ManifestError
+    from engines.dit.tensorrt.spec import ProfileError, parse_stages
     from trt_build.build import PlanError, plan_builds, run_build
     from trt_build.engine import BuildError, BuildOptions, TensorRTUnavailable
-    from trt_build.manifest import Manifest, ManifestError
-    from trt_build.spec import ProfileError, parse_stages
 
     onnx_dir = pathlib.Path(args.onnx)
     if not onnx_dir.is_dir():
@@ -454,8 +454,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- inspect / list
 def cmd_list(args: argparse.Namespace) -> int:
+    from engines.dit.tensorrt.manifest import Manifest, ManifestError, current_target, refusal_reason
     from trt_build.engine import tensorrt_version
-    from trt_build.manifest import Manifest, ManifestError, current_target, refusal_reason
 
     try:
         manifest = Manifest.load(args.engines, missing_ok=False)
@@ -484,8 +484,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from trt_build.engine import BuildError, TensorRTUnavailable, TrtEngine
-    from trt_build.manifest import Manifest, ManifestError
+    from engines.dit.tensorrt.manifest import Manifest, ManifestError
+    from trt_build.engine import EngineLoadError, TensorRTUnavailable, TrtEngine, describe_engine
 
     try:
         manifest = Manifest.load(args.engines, missing_ok=False)
@@ -515,10 +515,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ]
         if not args.manifest_only and unavailable is None:
             try:
-                desc = TrtEngine(manifest.engine_path(e)).describe()
+                desc = describe_engine(TrtEngine(manifest.engine_path(e)))
             except TensorRTUnavailable as exc:
                 unavailable = str(exc)
-            except (BuildError, RuntimeError, FileNotFoundError) as exc:
+            except (EngineLoadError, RuntimeError, FileNotFoundError) as exc:
                 out.append(f"- cannot load: {exc}")
             else:
                 item["engine"] = desc
@@ -585,8 +585,8 @@ def _bench(
     device_name: str,
     threads: int,
 ) -> int:
+    from engines.dit.tensorrt.spec import ProfileError, parse_stages, profiles_for, stage_spec
     from trt_build.bench import bench_onnxruntime, bench_torch, format_rows
-    from trt_build.spec import ProfileError, parse_stages, profiles_for, stage_spec
 
     rows = []
     iters = args.iters or (20 if gpu else 3)
@@ -631,8 +631,8 @@ def _bench(
 
 
 def _bench_tensorrt(args: argparse.Namespace, warmup: int, iters: int) -> list[Any]:
+    from engines.dit.tensorrt.manifest import Manifest, ManifestError
     from trt_build.bench import bench_tensorrt
-    from trt_build.manifest import Manifest, ManifestError
 
     if not args.engines:
         raise CliError("--backends tensorrt needs --engines DIR")
@@ -645,7 +645,7 @@ def _bench_tensorrt(args: argparse.Namespace, warmup: int, iters: int) -> list[A
     sel = [e for e in manifest.entries.values() if stages is None or e.stage in stages]
     runnable = []
     for e in sel:
-        from trt_build.manifest import refusal_reason
+        from engines.dit.tensorrt.manifest import refusal_reason
 
         why = refusal_reason(e, target, None, None)
         if why is None:

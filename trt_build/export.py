@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from trt_build.manifest import config_hash, weights_hash
+from engines.dit.tensorrt.manifest import config_hash, weights_hash
+from engines.dit.tensorrt.spec import SPEC_VERSION, ExportSpec, InputSpec, variant_name
 from trt_build.progress import Steps, Timings, task
-from trt_build.spec import SPEC_VERSION, ExportSpec, InputSpec, variant_name
 
 logger = logging.getLogger(__name__)
 

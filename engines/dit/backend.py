@@ -18,6 +18,9 @@ from typing import Any
 import torch
 
 from engines.dit.model import AudioCondition, AvatarDiT, DiTOutput
+from engines.dit.tensorrt.manifest import weights_hash
+from engines.dit.tensorrt.runtime import TrtDecoder, TrtForward, tensorrt_engines
+from engines.dit.tensorrt.spec import DitSpec, stage_spec
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +76,12 @@ def _tensorrt(
     """A TensorRT forward for ``stage`` (or the VAE decoder), or ``None`` and why not."""
     if engines_dir is None:
         return None, "no TensorRT engine folder given (--trt-engines)"
-    try:
-        from trt_build.export import module_weights_hash
-        from trt_build.runtime import TrtDecoder, TrtForward, tensorrt_engines
-        from trt_build.spec import DitSpec, stage_spec
-    except ImportError as exc:  # trt_build is part of this package; only a broken install lacks it
-        return None, f"trt_build is not importable: {exc}"
     spec = stage_spec(stage, components)
 
     def whash() -> str:
         if stage not in hashes:
-            hashes[stage] = module_weights_hash(spec)
+            logger.info("dit %s: hashing the weights to match them against the engines", stage)
+            hashes[stage] = weights_hash(spec.module)
         return hashes[stage]
 
     engines, note = tensorrt_engines(
@@ -109,7 +107,7 @@ def select_backends(
 ) -> dict[str, BackendChoice]:
     """One :class:`BackendChoice` per DiT stage, and one for the VAE decoder.
 
-    ``target`` (a :class:`trt_build.manifest.Target`) stands for this machine's
+    ``target`` (a :class:`engines.dit.tensorrt.manifest.Target`) stands for this machine's
     GPU and TensorRT version; ``None`` asks TensorRT and CUDA.
     """
     if backend not in BACKENDS:

@@ -52,7 +52,7 @@ def weights_hash(module: torch.nn.Module, progress: Any = None) -> str:
 
     Rounding to bf16 makes the hash independent of the dtype the weights were
     loaded in (a bf16 server and an fp32 export of one checkpoint agree).
-    ``progress`` is an optional :class:`trt_build.progress.Steps`.
+    ``progress`` is optional: anything with ``step()`` (``trt_build.progress.Steps`` logs them).
     """
     h = hashlib.sha256()
     state = module.state_dict()

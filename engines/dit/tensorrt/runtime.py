@@ -1,4 +1,4 @@
-"""Exported networks as drop-in forwards for the DiT engine (TensorRT engines, onnxruntime).
+"""Exported networks as drop-in forwards for the DiT engine (TensorRT engines at serve time).
 
 A forward takes the arguments of an :class:`~engines.dit.model.AvatarDiT`
 call and returns a :class:`~engines.dit.model.DiTOutput`: the stage's export
@@ -18,10 +18,17 @@ from typing import Any
 
 import torch
 
-from engines.dit.model import AudioCondition, AvatarDiT, DiTOutput
-from trt_build.export import ONNX_FILE, find_exports
-from trt_build.manifest import EngineEntry, Manifest, ManifestError, Target, config_hash, current_target
-from trt_build.spec import SPEC_VERSION, DitSpec, ExportSpec, VaeDecoderSpec, stage_spec
+from engines.dit.model import AudioCondition, DiTOutput
+from engines.dit.tensorrt.engine import EngineLoadError, TensorRTUnavailable, TrtEngine, tensorrt_version
+from engines.dit.tensorrt.manifest import (
+    EngineEntry,
+    Manifest,
+    ManifestError,
+    Target,
+    config_hash,
+    current_target,
+)
+from engines.dit.tensorrt.spec import SPEC_VERSION, DitSpec, ExportSpec
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +168,6 @@ def tensorrt_engines(
     The weights hash is only computed when an entry passes every cheaper check.
     ``target`` defaults to this machine (TensorRT version and GPU).
     """
-    from trt_build.engine import TensorRTUnavailable, TrtEngine, tensorrt_version
 
     try:
         manifest = Manifest.load(engines_dir, missing_ok=False)
@@ -204,7 +210,7 @@ def tensorrt_engines(
     for entry in usable:
         try:
             loaded.append((entry, TrtEngine(manifest.engine_path(entry)).load()))
-        except (TensorRTUnavailable, RuntimeError, FileNotFoundError) as exc:
+        except (TensorRTUnavailable, EngineLoadError, FileNotFoundError) as exc:
             reasons.append(f"engine {entry.key} ({entry.profile}) failed to load: {exc}")
     if not loaded:
         return [], "; ".join(reasons)
@@ -225,49 +231,3 @@ def _static_of(variant: str, stage: str) -> dict[str, int]:
         name = part.rstrip("0123456789")
         out[name] = int(part[len(name) :])
     return out
-
-
-# ---------------------------------------------------------------------------- onnxruntime
-class OrtForward(SpecForward):
-    """ONNX graphs of one stage in onnxruntime: for validation of the whole path on any machine."""
-
-    name = "onnxruntime"
-
-    def __init__(
-        self,
-        spec: DitSpec,
-        onnx_path: pathlib.Path,
-        fallback: Callable[..., DiTOutput],
-        providers: Sequence[str] | None = None,
-    ) -> None:
-        super().__init__(spec, fallback)
-        from trt_build.check import session
-
-        self.session: Any = session(onnx_path, providers)
-
-    def run(self, feed: dict[str, torch.Tensor], axes: dict[str, int]) -> dict[str, torch.Tensor] | None:
-        from trt_build.check import to_numpy
-
-        device = feed["hidden_states"].device
-        got = self.session.run(None, {n: to_numpy(t) for n, t in feed.items()})
-        return {n: torch.from_numpy(v).to(device) for n, v in zip(self.spec.outputs, got, strict=True)}
-
-
-def onnxruntime_forward(stage: str, components: Any, onnx_dir: pathlib.Path) -> OrtForward:
-    """The exported ``stage`` graph of ``onnx_dir`` for these components (checked to match)."""
-    spec = stage_spec(stage, components)
-    assert isinstance(spec, DitSpec) and isinstance(spec.module, AvatarDiT)
-    dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[spec.dtype]
-    found = find_exports(onnx_dir, [stage], dtype)
-    if not found:
-        raise ValueError(f"no {dtype} export of {stage} in {onnx_dir}: run `avatar trt export`")
-    folder, record = found[0]
-    if record.config_hash != config_hash(spec.config, stage, {}, SPEC_VERSION):
-        raise ValueError(f"{folder} was exported from another model config")
-    return OrtForward(spec, folder / ONNX_FILE, spec.module.__call__)
-
-
-def vae_spec(components: Any) -> VaeDecoderSpec:
-    spec = stage_spec("vae_decoder", components)
-    assert isinstance(spec, VaeDecoderSpec)
-    return spec
