@@ -108,12 +108,36 @@ class Storyline(BaseModel):
     model_config = ConfigDict(extra="forbid")
     windows: list[Window] = Field(default_factory=list)
 
-    def shot_at(self, t: float) -> Shot | None:
+    def shot_at(self, t: float, character: int = 0) -> Shot | None:
         for window in reversed(self.windows):
             for shot in window.shots:
-                if shot.covers(t):
+                if shot.character == character and shot.covers(t):
                     return shot
         return None
+
+    def shots_between(self, t0: float, t1: float) -> list[Shot]:
+        """Shots overlapping ``[t0, t1]`` (every character's), in time order."""
+        out = [s for w in self.windows for s in w.shots if s.start < t1 and s.end > t0]
+        out.sort(key=lambda s: s.start)
+        return out
+
+    def put(self, window: Window, *, forget_before: float = 0.0) -> Storyline:
+        """A new storyline where ``window`` replaces what was planned from its start on.
+
+        Windows that end before ``forget_before`` are dropped (the storyline stays bounded).
+        """
+        kept: list[Window] = []
+        for w in self.windows:
+            if w.start >= window.start:
+                continue
+            if w.end > window.start:
+                shots = [s.model_copy(update={"end": min(s.end, window.start)})
+                         for s in w.shots if s.start < window.start]
+                w = Window(start=w.start, end=window.start, shots=shots)
+            if w.end > forget_before:
+                kept.append(w)
+        kept.append(window)
+        return Storyline(windows=kept)
 
 
 EMOTION_FACE: dict[EmotionLabel, tuple[float, float, float, float]] = {

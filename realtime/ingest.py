@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import av
@@ -19,6 +18,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from engines.base import AUDIO_RATE
 from realtime.clock import Clock
+from realtime.events import AudioArrived, Inbox, SchedulerEvent
 from realtime.timeline import OUT_RATE, AudioTimeline
 from realtime.vad import VoiceActivity
 
@@ -30,11 +30,13 @@ SILENT_RESYNC_S = 0.005  # in silence, re-sync as soon as placement is this far 
 
 
 class MicIngest:
+    """The microphone onto the timeline; each chunk is announced downstream (``AudioArrived``)."""
+
     def __init__(self, timeline: AudioTimeline, clock: Clock,
-                 on_audio: Callable[[], None], session_id: str = "") -> None:
+                 out: Inbox[SchedulerEvent], session_id: str = "") -> None:
         self.timeline = timeline
         self.clock = clock
-        self.on_audio = on_audio
+        self.out = out
         self.session_id = session_id
         self._head: float | None = None
         self._vad = VoiceActivity()
@@ -76,7 +78,7 @@ class MicIngest:
         self.lag_ms.append((arrived - start - len(ana) / AUDIO_RATE) * 1000)
         self.timeline.write_mic(start, ana, out, voice, arrived)
         self.chunks += 1
-        self.on_audio()
+        self.out.post(AudioArrived(self.timeline.mic_head))
         return start
 
     def decode(self, frame: Any) -> tuple[np.ndarray, np.ndarray, float]:

@@ -1,66 +1,114 @@
-"""Rolling-window planning: the director plans the next windows while one plays.
+"""Rolling-window planning: one task per session plans the storyline in order, ahead of playback.
 
-Windows are ``window_s`` long and planned at least one window ahead of the
-render head. A new instruction re-plans from a cut point on; Say text plans
-the whole utterance as soon as its audio is known. If the director fails or
-times out, the window gets the default plan and the session goes on.
+The planner is the session's only planning owner. Its task plans windows
+``window_s`` long, in order, keeping the plan ``lead_s + window_s`` ahead of
+the clock, and publishes each window downstream as a
+:class:`~realtime.events.WindowPlanned` event. Control reaches it as events
+in its inbox:
+
+* an instruction (``Instructed``), known speech (``SpeechQueued``: Say text
+  or an upload, planned whole as soon as its audio is known) or an interrupt
+  (``Interrupted``) starts a new **generation**: the planner announces
+  ``PlanChanged(from_pts, generation)`` at once (so the scheduler drops stale
+  work) and re-plans from there;
+* a window whose planning began under an older generation is dropped when it
+  comes back, never published: a plan made before an instruction can never
+  overwrite one made after it.
+
+The director runs one window at a time per session. If it fails or times
+out, the window gets the default plan and the session goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 
 import numpy as np
 
 from engines.director.base import Director, PlanRequest
 from engines.storyline import Shot, Storyline, Window, default_shot
-from realtime.clock import Clock, wait_until_or_event
+from realtime.clock import Clock
+from realtime.events import (
+    Inbox,
+    Instructed,
+    Interrupted,
+    PlanChanged,
+    PlannerEvent,
+    SchedulerEvent,
+    SpeechQueued,
+    WindowPlanned,
+)
 from realtime.timeline import AudioTimeline
 
 log = logging.getLogger(__name__)
 
 MAX_INSTRUCTIONS = 20
 RECENT_AUDIO_S = 3.0  # live audio the director hears when it plans ahead of it
+HISTORY_S = 30.0  # planned windows and spoken texts kept behind the clock
 
 
 class RollingPlanner:
-    def __init__(self, director: Director, clock: Clock, timeline: AudioTimeline, *,
-                 session_id: str = "", window_s: float = 2.0, timeout_s: float = 1.5,
-                 avatar_image: np.ndarray | None = None, avatar_id: str = "") -> None:
+    def __init__(self, director: Director, clock: Clock, timeline: AudioTimeline,
+                 out: Inbox[SchedulerEvent], *, session_id: str = "", window_s: float = 2.0,
+                 lead_s: float = 2.0, timeout_s: float = 1.5, avatar_image: np.ndarray | None = None,
+                 avatar_id: str = "") -> None:
+        if window_s <= 0 or lead_s < 0:
+            raise ValueError(f"window_s must be positive and lead_s >= 0, got {window_s}, {lead_s}")
         self.director = director
         self.clock = clock
         self.timeline = timeline
+        self.out = out
         self.session_id = session_id
         self.window_s = window_s
+        self.lead_s = lead_s
         self.timeout_s = timeout_s
         self.avatar_image = avatar_image
         self.avatar_id = avatar_id
+        self.inbox: Inbox[PlannerEvent] = Inbox()
         self.storyline = Storyline()
         self.instructions: list[str] = []
-        self.failures = 0
-        self._planned_until = 0.0
-        self._texts: list[tuple[float, float, str]] = []  # Say text and where it plays
-        self._wake = asyncio.Event()
-        self.on_replan: list[object] = []
+        self.generation = 0
+        self.failures = 0  # windows the director failed (default plan used)
+        self.stale = 0  # windows dropped: a newer generation began while they were planned
+        self.windows_planned = 0
+        self._planned_until = 0.0  # the current generation's plan reaches this pts
+        self._replan_until = 0.0  # a re-plan redoes the plan at least up to here
+        self._texts: list[tuple[float, float, str]] = []  # known speech and where it plays
 
-    # --- reading the plan -------------------------------------------------------
-    def shots_between(self, t0: float, t1: float) -> list[Shot]:
-        """Shots overlapping ``[t0, t1]``, latest plan winning, in time order."""
-        out: list[Shot] = []
-        for w in self.storyline.windows:
-            for s in w.shots:
-                if s.start < t1 and s.end > t0:
-                    out.append(s)
-        out.sort(key=lambda s: s.start)
-        return out
-
+    # --- reading the plan (stats) --------------------------------------------------
     def current_shot(self, t: float) -> Shot | None:
         return self.storyline.shot_at(t)
 
+    @property
+    def planned_until(self) -> float:
+        return self._planned_until
+
+    # --- events --------------------------------------------------------------------
+    def _apply(self, event: PlannerEvent) -> None:
+        if isinstance(event, Instructed):
+            self.instructions.append(event.text)
+            del self.instructions[:-MAX_INSTRUCTIONS]
+            self._restart(event.from_pts)
+        elif isinstance(event, SpeechQueued):
+            self._texts += list(event.spans)
+            self._restart(event.start)
+            # known speech is planned whole, however far ahead it reaches
+            self._replan_until = max(self._replan_until, event.end)
+        elif isinstance(event, Interrupted):
+            t = event.from_pts
+            self._texts = [(a, min(b, t), tx) for a, b, tx in self._texts if a < t]
+            self._restart(t)
+
+    def _restart(self, from_pts: float) -> None:
+        """A new generation: the plan from ``from_pts`` on is redone."""
+        self.generation += 1
+        self._replan_until = max(self._replan_until, self._planned_until)
+        self._planned_until = min(self._planned_until, max(from_pts, 0.0))
+        self.out.post(PlanChanged(self._planned_until, self.generation))
+
     # --- planning ------------------------------------------------------------------
-    async def _plan(self, start: float, end: float) -> Window:
+    def _request(self, start: float, end: float) -> PlanRequest:
         utterances = [(a, b, tx) for a, b, tx in self._texts if a < end and b > start]
         text = " ".join(tx for _, _, tx in utterances) or None
         recent = np.zeros(0, np.float32)
@@ -74,12 +122,15 @@ class RollingPlanner:
             recent_start = max(0.0, head - RECENT_AUDIO_S)
             if head > recent_start:
                 recent = self.timeline.slice(recent_start, head).samples
-        req = PlanRequest(
+        return PlanRequest(
             session_id=self.session_id, start=start, end=end, audio=audio, text=text,
             utterances=utterances, recent_audio=recent, recent_start=recent_start,
             instructions=list(self.instructions), history=self.storyline.windows[-4:],
             avatar_image=self.avatar_image, avatar_id=self.avatar_id,
         )
+
+    async def _plan(self, start: float, end: float) -> Window:
+        req = self._request(start, end)
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
             # lands as the plan completes, and the session could then never close
@@ -96,57 +147,35 @@ class RollingPlanner:
                         self.session_id, start, end, type(exc).__name__, exc)
             return Window(start=start, end=end, shots=[default_shot(start, end)])
 
-    def _put(self, window: Window) -> None:
-        """Add a window; it replaces whatever was planned from its start on."""
-        kept: list[Window] = []
-        for w in self.storyline.windows:
-            if w.start >= window.start:
-                continue
-            if w.end > window.start:
-                shots = [s.model_copy(update={"end": min(s.end, window.start)})
-                         for s in w.shots if s.start < window.start]
-                w = Window(start=w.start, end=window.start, shots=shots)
-            kept.append(w)
-        kept.append(window)
-        horizon = self.clock.now() - 30.0
-        self.storyline = Storyline(windows=[w for w in kept if w.end > horizon])
+    def _target(self) -> float:
+        return max(self.clock.now() + self.lead_s + self.window_s, self._replan_until)
 
-    async def plan_ahead(self, until: float) -> None:
-        while self._planned_until < until:
-            start = self._planned_until
-            end = start + self.window_s
-            self._put(await self._plan(start, end))
-            self._planned_until = end
+    async def step(self) -> bool:
+        """Apply what arrived, then plan the next window if one is due; True if one was planned."""
+        for event in self.inbox.drain():
+            self._apply(event)
+        if self._planned_until >= self._target() - 1e-9:
+            return False
+        start, generation = self._planned_until, self.generation
+        window = await self._plan(start, start + self.window_s)
+        if len(self.inbox) or generation != self.generation:
+            # an instruction, speech or interrupt came in while the director worked:
+            # this window was planned without it, so it never reaches the scheduler
+            self.stale += 1
+            return False
+        horizon = self.clock.now() - HISTORY_S
+        self.storyline = self.storyline.put(window, forget_before=horizon)
+        self._texts = [x for x in self._texts if x[1] > horizon]
+        self._planned_until = window.end
+        self.windows_planned += 1
+        self.out.post(WindowPlanned(window, generation))
+        return True
 
-    async def replan_from(self, cut: float) -> None:
-        """Re-plan from ``cut`` (a new instruction): the next windows change."""
-        end = max(self._planned_until, cut + self.window_s)
-        self._planned_until = cut
-        await self.plan_ahead(end)
-
-    def add_instruction(self, text: str) -> None:
-        self.instructions.append(text)
-        del self.instructions[:-MAX_INSTRUCTIONS]
-
-    async def plan_utterance(self, start: float, end: float, text: str,
-                             spans: list[tuple[float, float, str]] | None = None) -> None:
-        """Speech known in full (Say text, uploads): plan the windows it plays in now.
-
-        ``spans`` place the words more precisely (an upload's transcript segments).
-        """
-        self._texts += spans if spans else [(start, end, text)]
-        self._texts = self._texts[-20:]
-        self._planned_until = min(self._planned_until, start)
-        n = max(1, math.ceil((end - start) / self.window_s))
-        await self.plan_ahead(start + n * self.window_s)
-
-    def notify(self) -> None:
-        self._wake.set()
-
-    async def run(self, lead_s: float) -> None:
-        """Keep windows planned ``lead_s`` ahead of the clock."""
+    async def run(self) -> None:
+        """Plan until cancelled: windows in order, re-plans as control arrives."""
         while True:
-            self._wake.clear()
-            await self.plan_ahead(self.clock.now() + lead_s + self.window_s)
-            nxt = self._planned_until - lead_s - self.window_s
-            await wait_until_or_event(self.clock, nxt, self._wake)
+            if await self.step():
+                continue
+            if len(self.inbox):
+                continue
+            await self.inbox.wait(self.clock, self._planned_until - self.lead_s - self.window_s)

@@ -9,29 +9,17 @@ dropped (``late``). It never waits for a producer.
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 
 @dataclass(slots=True)
 class PlayoutStats:
-    sent: int = 0
+    taken: int = 0  # slots released
     held: int = 0  # slots where the frame was not ready: previous frame repeated
     late: int = 0  # frames that arrived after their slot (dropped)
     dropped: int = 0  # frames discarded by an interrupt/re-plan
-    send_lag_ms: deque[float] = field(default_factory=lambda: deque(maxlen=250))
-    latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=250))
-    sent_at: deque[float] = field(default_factory=lambda: deque(maxlen=100))
-
-    def fps(self, now: float) -> float:
-        recent = [t for t in self.sent_at if t > now - 1.0]
-        return float(len(recent))
-
-    def latency_percentile_ms(self, q: float) -> float | None:
-        """Audio arrival to frame hand-off to the encoder, over recent frames."""
-        return float(np.percentile(self.latency_ms, q)) if self.latency_ms else None
 
 
 class Playout:
@@ -77,7 +65,7 @@ class Playout:
             frame = self._last if self._last is not None else idle
         self._last = frame
         self.next_index = index + 1
-        self.stats.sent += 1
+        self.stats.taken += 1
         return frame, fresh
 
     def drop_from(self, index: int) -> int:

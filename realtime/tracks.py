@@ -10,6 +10,7 @@ from __future__ import annotations
 import fractions
 import logging
 from collections import deque
+from dataclasses import dataclass, field
 
 import av
 import cv2
@@ -28,6 +29,24 @@ AUDIO_SAMPLES = round(OUT_RATE * AUDIO_PTIME)
 CATCH_UP_S = 0.2  # if the consumer is this far behind, skip to the present
 
 
+@dataclass(slots=True)
+class VideoTrackStats:
+    """What the video track has sent (its own figures; playout counts held/late/dropped)."""
+
+    sent: int = 0
+    skipped: int = 0  # slots jumped over to catch up with the clock
+    send_lag_ms: deque[float] = field(default_factory=lambda: deque(maxlen=250))
+    latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=250))
+    sent_at: deque[float] = field(default_factory=lambda: deque(maxlen=100))
+
+    def fps(self, now: float) -> float:
+        return float(sum(1 for t in self.sent_at if t > now - 1.0))
+
+    def latency_percentile_ms(self, q: float) -> float | None:
+        """Audio arrival to frame hand-off to the encoder, over recent frames."""
+        return float(np.percentile(self.latency_ms, q)) if self.latency_ms else None
+
+
 class AvatarVideoTrack(MediaStreamTrack):
     kind = "video"
 
@@ -39,6 +58,7 @@ class AvatarVideoTrack(MediaStreamTrack):
         self.timeline = timeline
         self.idle = idle
         self.banner = banner
+        self.stats = VideoTrackStats()
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
@@ -47,15 +67,19 @@ class AvatarVideoTrack(MediaStreamTrack):
         idx = p.next_index
         now = self.clock.now()
         if now > p.due_time(idx) + CATCH_UP_S:
-            idx = max(idx, int((now - p.delay_s) * p.fps))
+            caught_up = max(idx, int((now - p.delay_s) * p.fps))
+            self.stats.skipped += caught_up - idx
+            idx = caught_up
         await self.clock.sleep_until(p.due_time(idx))
         frame, _ = p.take(idx, self.idle)
         sent = self.clock.now()
-        p.stats.sent_at.append(sent)
-        p.stats.send_lag_ms.append((sent - p.due_time(idx)) * 1000)
+        st = self.stats
+        st.sent += 1
+        st.sent_at.append(sent)
+        st.send_lag_ms.append((sent - p.due_time(idx)) * 1000)
         arrived = self.timeline.arrival_of(idx / p.fps)
         if arrived is not None:
-            p.stats.latency_ms.append((sent - arrived) * 1000)
+            st.latency_ms.append((sent - arrived) * 1000)
         if self.banner:
             frame = frame.copy()
             cv2.putText(frame, self.banner, (8, frame.shape[0] - 12), cv2.FONT_HERSHEY_SIMPLEX,

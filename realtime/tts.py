@@ -32,6 +32,7 @@ class SpeechChunk:
     ana: np.ndarray  # float32 at AUDIO_RATE
     out: np.ndarray  # int16 at OUT_RATE
     phonemes: list[PhonemeEvent]  # times relative to the chunk start
+    text: str = ""  # the words this chunk says
 
     @property
     def duration(self) -> float:
@@ -95,7 +96,9 @@ def phrases(text: str, longest: int = 80) -> list[str]:
 def synthesize(text: str) -> Iterator[SpeechChunk]:
     """Blocking: yields speech phrase by phrase (run it in an executor)."""
     for phrase in phrases(text):
-        yield from _synthesize_phrase(phrase)
+        for chunk in _synthesize_phrase(phrase):
+            chunk.text = phrase
+            yield chunk
 
 
 def _synthesize_phrase(text: str) -> Iterator[SpeechChunk]:

@@ -23,7 +23,8 @@ from engines.base import Avatar, Engine
 from engines.director.base import Director, StaticDirector
 from realtime.scheduler import SchedulerConfig
 from server.avatars import DEFAULT_ID, AvatarError, AvatarStore
-from server.session import OfferError, Session, SessionSettings
+from server.session import Session, SessionSettings
+from server.signalling import OfferError, WebRTCPeer
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +248,11 @@ class AvatarServer:
         )
         session = Session(engine=self.engine, prepared=prepared, avatar_id=avatar_id,
                           avatar_image=image, idle_frame=idle, director=self.director_factory(),
-                          executor=self.executor, settings=settings,
-                          rtc_config=self.rtc_configuration(), on_closed=self._forget)
+                          executor=self.executor, settings=settings, on_closed=self._forget)
         self.sessions[session.id] = session
         try:
-            answer = await session.answer(sdp)
+            answer = await session.connect(WebRTCPeer(session, self.rtc_configuration(),
+                                                      settings.video_codec), sdp)
         except OfferError as exc:
             await session.close()
             raise web.HTTPBadRequest(reason=str(exc)) from exc
@@ -275,7 +276,7 @@ class AvatarServer:
             ana, out = await loop.run_in_executor(None, decode_upload, data)
         except AudioUploadError as exc:
             return web.json_response({"error": str(exc)}, status=exc.status)
-        session.play(ana, out)
+        session.speech.play(ana, out)
         return web.json_response({"duration_s": round(len(ana) / 16000, 3)}, status=202)
 
     def _forget(self, session: Session) -> None:
@@ -289,10 +290,11 @@ class AvatarServer:
         return session
 
     async def get_session(self, request: web.Request) -> web.Response:
-        return web.json_response(self._session(request).stats())
+        return web.json_response(self._session(request).stats().model_dump(mode="json", by_alias=True))
 
     async def list_sessions(self, request: web.Request) -> web.Response:
-        return web.json_response({"sessions": [s.stats() for s in self.sessions.values()],
+        return web.json_response({"sessions": [s.stats().model_dump(mode="json", by_alias=True)
+                                               for s in self.sessions.values()],
                                   "max_sessions": self.config.max_sessions})
 
     async def delete_session(self, request: web.Request) -> web.Response:
@@ -351,7 +353,8 @@ class AvatarServer:
             st = s.stats()
             for key in ("fps", "latency_ms", "av_offset_ms", "held_frames", "late_frames",
                         "render_ms"):
-                if st.get(key) is not None:
-                    lines.append(f'avatar_session_{key}{{session="{s.id}"}} {st[key]}')
+                value = getattr(st, key)
+                if value is not None:
+                    lines.append(f'avatar_session_{key}{{session="{s.id}"}} {value}')
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 

@@ -20,8 +20,9 @@ from engines.dit.conditioning import (
     window_features,
 )
 from engines.dit.engine import shot_prompt
-from engines.storyline import Emotion, EmotionLabel, Shot, default_shot
+from engines.storyline import Emotion, EmotionLabel, Shot, Window, default_shot
 from realtime.clock import FakeClock
+from realtime.events import WindowPlanned
 from realtime.playout import Playout
 from realtime.scheduler import CascadeScheduler, SchedulerConfig
 from realtime.timeline import AudioTimeline
@@ -157,10 +158,10 @@ async def test_tiny_cascade_through_the_scheduler(engine: DitEngine) -> None:
         timeline,
         FakeClock(),
         playout,
-        lambda a, b: shots,
         InlineExecutor(),
-        SchedulerConfig(subclip_frames=4, workers=1),
+        SchedulerConfig(subclip_frames=4, workers=1, delay_s=0.2),
     )
+    sched.inbox.post(WindowPlanned(Window(start=0, end=5, shots=shots), 0))
     task = asyncio.ensure_future(sched.run())
     try:
         for _ in range(200):

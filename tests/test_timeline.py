@@ -7,6 +7,7 @@ import pytest
 
 from engines.base import AUDIO_RATE, PhonemeEvent
 from realtime.clock import FakeClock
+from realtime.events import Inbox
 from realtime.ingest import MicIngest
 from realtime.timeline import AudioTimeline
 from realtime.tts import MAX_SAY_CHARS, clean_text, synthesize
@@ -21,7 +22,7 @@ def chunk(value: float, seconds: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
 
 def test_mic_chunks_are_placed_by_arrival_and_stay_contiguous() -> None:
     tl = AudioTimeline(horizon_s=10)
-    ing = MicIngest(tl, FakeClock(), lambda: None)
+    ing = MicIngest(tl, FakeClock(), Inbox())
     starts = []
     for k, jitter in enumerate([0.0, 0.004, -0.003, 0.006, 0.0]):
         ana, out = chunk(0.1)

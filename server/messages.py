@@ -1,0 +1,145 @@
+"""Wire messages on a session's ``control`` data channel, in and out (JSON objects with a ``type``).
+
+Client to server: ``say``, ``instruct``, ``interrupt``. Server to client:
+``stats`` (about once a second), ``ack`` (an instruction or interrupt was
+applied, and from which pts) and ``error`` (a message was refused, and why).
+Anything else gets an ``error`` that says what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from engines.storyline import Shot
+from realtime.tts import MAX_SAY_CHARS, clean_text
+
+MAX_CONTROL_BYTES = 64 * 1024
+MAX_INSTRUCTION_CHARS = 2000
+IN_TYPES = ("say", "instruct", "interrupt")
+
+
+class MessageError(ValueError):
+    """A control message that cannot be applied; the text is what the client is told."""
+
+
+def _say_text(value: str) -> str:
+    return clean_text(value, limit=MAX_SAY_CHARS, what="say text")
+
+
+def _instruction(value: str) -> str:
+    return clean_text(value, limit=MAX_INSTRUCTION_CHARS, what="instruction")
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Say(_In):
+    type: Literal["say"]
+    text: Annotated[str, AfterValidator(_say_text)]
+
+
+class Instruct(_In):
+    type: Literal["instruct"]
+    text: Annotated[str, AfterValidator(_instruction)]
+
+
+class Interrupt(_In):
+    type: Literal["interrupt"]
+
+
+ControlMessage = Annotated[Say | Instruct | Interrupt, Field(discriminator="type")]
+_CONTROL: TypeAdapter[Say | Instruct | Interrupt] = TypeAdapter(ControlMessage)
+
+
+def parse_control(raw: str | bytes) -> Say | Instruct | Interrupt:
+    """One message from the wire; ``MessageError`` with a clear reason for anything else."""
+    if len(raw) > MAX_CONTROL_BYTES:
+        unit = "bytes" if isinstance(raw, bytes) else "characters"
+        raise MessageError(f"message is {len(raw)} {unit}; the limit is {MAX_CONTROL_BYTES}")
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MessageError("message is not UTF-8 JSON") from None
+    try:
+        data: Any = json.loads(raw)
+    except ValueError:
+        raise MessageError("message is not valid JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise MessageError('message must be a JSON object with a "type"')
+    if data["type"] not in IN_TYPES:
+        raise MessageError(f"unknown message type {data['type']!r} (expected {', '.join(IN_TYPES)})")
+    try:
+        return _CONTROL.validate_python(data)
+    except ValidationError as exc:
+        raise MessageError(_describe(data["type"], exc)) from None
+
+
+def _describe(kind: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"][1:]) or "message"
+    if err["type"] == "value_error":  # our own validators: their message says it all
+        return str(err.get("ctx", {}).get("error", err["msg"]))
+    if err["type"] == "extra_forbidden":
+        return f"{kind}: unexpected field {field!r}"
+    if err["type"] == "missing":
+        return f"{kind}: {field!r} is missing"
+    return f"{kind}: {field}: {err['msg']}"
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    def wire(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+
+class Ack(_Out):
+    type: Literal["ack"] = "ack"
+    for_: str = Field(alias="for")
+    from_pts: float
+
+
+class Error(_Out):
+    type: Literal["error"] = "error"
+    message: str
+
+
+class Stats(_Out):
+    """A session's live figures (what the page shows and ``GET /v1/sessions/{id}`` returns)."""
+
+    type: Literal["stats"] = "stats"
+    session: str
+    t: float
+    fps: float
+    latency_ms: float | None = Field(description="p95, audio arrival to frame hand-off")
+    latency_p50_ms: float | None
+    pipeline_delay_ms: float
+    implied_latency_ms: float
+    av_offset_ms: float
+    frames_sent: int
+    held_frames: int
+    late_frames: int
+    dropped_frames: int
+    clips_skipped: int
+    render_ms: float
+    render_margin_ms: float | None
+    mic_lag_ms: float | None
+    subclip_ms: float
+    workers: int
+    speaking: bool
+    director: str
+    director_failures: int
+    director_fallbacks: int
+    instructions: int
+    plan_generation: int
+    stale_windows: int
+    forced_keyframes: int
+    shot: Shot | None
+
+
+OutMessage = Ack | Error | Stats
