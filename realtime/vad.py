@@ -8,42 +8,38 @@ the inference session is shared by the process.
 from __future__ import annotations
 
 import importlib.util
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engines.base import AUDIO_RATE
+from engines.shared import SharedModel
 
 BLOCK = 512
 CONTEXT = 64
-_SESSION: Any = None
-_SESSION_LOCK = threading.Lock()
 
 
-def _session() -> Any:
-    global _SESSION
-    with _SESSION_LOCK:
-        if _SESSION is None:
-            import onnxruntime as ort
+def _load_session() -> Any:
+    import onnxruntime as ort
 
-            opts = ort.SessionOptions()
-            opts.inter_op_num_threads = 1
-            opts.intra_op_num_threads = 1
-            # find the wheel's folder without importing the package (its __init__ imports torch)
-            spec = importlib.util.find_spec("silero_vad")
-            if spec is None or not spec.submodule_search_locations:
-                raise RuntimeError("the silero-vad package is not installed")
-            path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
-            _SESSION = ort.InferenceSession(str(path), sess_options=opts,
-                                            providers=["CPUExecutionProvider"])
-        return _SESSION
+    opts = ort.SessionOptions()
+    opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = 1
+    # find the wheel's folder without importing the package (its __init__ imports torch)
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the silero-vad package is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+MODEL = SharedModel("voice activity (silero, ONNX)", _load_session)
 
 
 def load() -> None:
     """Load the model now (at server start), not in the first session."""
-    _session()
+    MODEL.get()
 
 
 class VoiceActivity:
@@ -60,7 +56,7 @@ class VoiceActivity:
         """Probabilities for each complete 512-sample block now available."""
         x = np.concatenate([self._pending, samples.astype(np.float32)])
         out: list[float] = []
-        sess = _session()
+        sess = MODEL.get()
         while len(x) >= BLOCK:
             block, x = x[:BLOCK], x[BLOCK:]
             inp = np.concatenate([self._context, block])[None, :]

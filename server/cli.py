@@ -32,6 +32,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="frames per sub-clip: the latency knob (audio waited for before a render)")
     p.add_argument("--workers", type=int, default=1, help="parallel sub-clips per session")
     p.add_argument("--render-threads", type=int, default=max(1, (os.cpu_count() or 2)))
+    p.add_argument("--cpu-threads", type=int, default=1,
+                   help="PyTorch CPU threads (the director's models; renders run on their own threads)")
     p.add_argument("--director", default="embedded", choices=["embedded", "llm", "static"],
                    help="who plans the storyline: embedded analysers (default), an LLM, or static")
     p.add_argument("--llm-url", help="llm director: OpenAI-compatible base URL, e.g. http://HOST:8000/v1")
@@ -64,6 +66,13 @@ def serve(args: argparse.Namespace) -> int:
     from server.ice import restrict_host_candidates, set_consent_timers
 
     cv2.setNumThreads(1)  # one core per render; parallelism comes from the worker pool
+    if args.cpu_threads < 1:
+        log.error("--cpu-threads must be at least 1, got %d", args.cpu_threads)
+        return 2
+    import torch
+
+    # small models, one request at a time: more threads only contend with the renderers
+    torch.set_num_threads(args.cpu_threads)
     try:
         engine = create_engine(args.engine, weights=args.weights,
                                random_weights=args.random_weights, device=args.device,

@@ -13,6 +13,13 @@ MAX_SESSIONS = 3
 RunningServer = ServerProcess
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The test process owns its settings, as ``avatar serve`` does: one PyTorch thread."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 async def no_leaked_tasks() -> AsyncIterator[None]:
     """Every test fails if it leaves asyncio tasks behind."""

@@ -16,7 +16,6 @@ For one window:
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import re
@@ -46,6 +45,7 @@ from engines.director.language import read_line
 from engines.director.models import Segment, transcriber
 from engines.director.prosody import measure
 from engines.director.protocol import Limits, Proposal, Round, apply_limits, merge
+from engines.shared import SharedModel
 from engines.storyline import EmotionLabel, GazeTarget, Shot, Window
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,7 @@ class _TranscriptionBudget:
         return self.pool.submit(run)
 
 
-@functools.cache
-def _transcription_budget() -> _TranscriptionBudget:
-    return _TranscriptionBudget()
+TRANSCRIPTION_BUDGET = SharedModel("live transcription budget", _TranscriptionBudget)
 
 
 def previous_shot(history: list[Window], start: float) -> Shot | None:
@@ -219,7 +217,7 @@ class EmbeddedDirector(Director):
         end = offset + len(audio) / AUDIO_RATE
         if self._live_job is None and (self._live is None or end - self._live[3] >= LIVE_EVERY_S):
             heard = audio.copy()
-            self._live_job = _transcription_budget().submit(
+            self._live_job = TRANSCRIPTION_BUDGET.get().submit(
                 lambda: self._transcribe_live(heard, offset, end))
         if self._live is not None and end - self._live[3] <= LIVE_STALE_S:
             return self._live[:3]

@@ -15,13 +15,13 @@ Later instructions override earlier ones on the same subject; "reset" (or
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from engines.director.models import sentence_encoder
+from engines.shared import SharedModel
 from engines.storyline import EmotionLabel, Framing, GazeTarget, GestureKind
 
 E = EmotionLabel
@@ -171,7 +171,6 @@ def _emotion_in(clause: str) -> tuple[EmotionLabel, float] | None:
     return None
 
 
-@functools.cache
 def _intent_matrix() -> tuple[np.ndarray, list[str]]:
     names: list[str] = []
     texts: list[str] = []
@@ -181,8 +180,11 @@ def _intent_matrix() -> tuple[np.ndarray, list[str]]:
     return sentence_encoder().encode(texts), names
 
 
+INTENTS = SharedModel("instruction intent embeddings", _intent_matrix)
+
+
 def _nearest_intent(clause: str) -> tuple[str, float]:
-    mat, names = _intent_matrix()
+    mat, names = INTENTS.get()
     sims = mat @ sentence_encoder().encode([clause])[0]
     i = int(np.argmax(sims))
     return names[i], float(sims[i])

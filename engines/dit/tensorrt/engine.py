@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from engines.shared import SharedModel
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "fp8")
@@ -85,14 +87,11 @@ def _logger_class(trt: ModuleType) -> Any:
     return _Logger()
 
 
-_TRT_LOGGER: Any = None
+_TRT_LOGGER = SharedModel("TensorRT logger", lambda: _logger_class(import_tensorrt()))
 
 
 def trt_logger() -> Any:
-    global _TRT_LOGGER
-    if _TRT_LOGGER is None:
-        _TRT_LOGGER = _logger_class(import_tensorrt())
-    return _TRT_LOGGER
+    return _TRT_LOGGER.get()
 
 
 def _torch_dtype(trt: ModuleType, dtype: Any) -> torch.dtype:
