@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 
 import numpy as np
 
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 MAX_INSTRUCTIONS = 20
 RECENT_AUDIO_S = 3.0  # live audio the director hears when it plans ahead of it
 HISTORY_S = 30.0  # planned windows and spoken texts kept behind the clock
+EAGER_SPACING_S = 0.04  # windows beyond the lead (known speech) are planned at most one per frame
 
 
 class RollingPlanner:
@@ -72,6 +75,7 @@ class RollingPlanner:
         self.failures = 0  # windows the director failed (default plan used)
         self.stale = 0  # windows dropped: a newer generation began while they were planned
         self.windows_planned = 0
+        self.plan_ms: deque[float] = deque(maxlen=50)  # the director's time per window
         self._planned_until = 0.0  # the current generation's plan reaches this pts
         self._replan_until = 0.0  # a re-plan redoes the plan at least up to here
         self._texts: list[tuple[float, float, str]] = []  # known speech and where it plays
@@ -131,6 +135,7 @@ class RollingPlanner:
 
     async def _plan(self, start: float, end: float) -> Window:
         req = self._request(start, end)
+        began = time.perf_counter()
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
             # lands as the plan completes, and the session could then never close
@@ -138,6 +143,7 @@ class RollingPlanner:
                 window = await self.director.plan_window(req)
             if not window.shots:
                 raise ValueError("the director planned no shots")
+            self.plan_ms.append((time.perf_counter() - began) * 1000)
             return window
         except asyncio.CancelledError:
             raise
@@ -172,9 +178,16 @@ class RollingPlanner:
         return True
 
     async def run(self) -> None:
-        """Plan until cancelled: windows in order, re-plans as control arrives."""
+        """Plan until cancelled: windows in order, re-plans as control arrives.
+
+        Windows within the lead are planned back to back; those beyond it (known
+        speech, planned whole) one per frame interval, so that a re-plan of a long
+        utterance does not crowd out the frames it is about to change.
+        """
         while True:
             if await self.step():
+                if self._planned_until > self.clock.now() + self.lead_s + self.window_s:
+                    await self.inbox.wait(self.clock, self.clock.now() + EAGER_SPACING_S)
                 continue
             if len(self.inbox):
                 continue

@@ -134,6 +134,7 @@ class Stats(_Out):
     speaking: bool
     director: str
     director_failures: int
+    plan_ms: float | None = Field(description="median time the director took per window, recent windows")
     director_fallbacks: int
     instructions: int
     plan_generation: int

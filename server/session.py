@@ -91,6 +91,7 @@ class Session:
                                       banner=engine.banner())
         self.audio = AvatarAudioTrack(self.timeline, self.clock, settings.delay_s)
         self.peer: WebRTCPeer | None = None
+        self._listeners: list[Callable[[OutMessage], None]] = []
         self.closed = asyncio.Event()
         self._on_closed = on_closed
         self._closing = False
@@ -110,12 +111,17 @@ class Session:
         """Answer a WebRTC offer with this session's tracks; starts the pipeline."""
         self.peer = peer
         answer = await peer.answer(offer_sdp)
+        self.subscribe(lambda message: peer.send(message.wire()))
         self.start()
         return answer
 
+    def subscribe(self, listener: Callable[[OutMessage], None]) -> None:
+        """Messages for the client (stats, acks, errors) also go to ``listener``."""
+        self._listeners.append(listener)
+
     def send(self, message: OutMessage) -> None:
-        if self.peer is not None:
-            self.peer.send(message.wire())
+        for listener in self._listeners:
+            listener(message)
 
     def playing_pts(self) -> float:
         return self.control.playing_pts()
@@ -157,6 +163,7 @@ class Session:
             speaking=self.timeline.speaking_tts(self.playing_pts()),
             director=self.planner.director.name,
             director_failures=self.planner.failures,
+            plan_ms=round(v, 1) if (v := _median(self.planner.plan_ms)) is not None else None,
             director_fallbacks=self.planner.director.fallbacks,
             instructions=len(self.planner.instructions),
             plan_generation=self.planner.generation,

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future
-from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -26,6 +24,7 @@ from realtime.events import WindowPlanned
 from realtime.playout import Playout
 from realtime.scheduler import CascadeScheduler, SchedulerConfig
 from realtime.timeline import AudioTimeline
+from tests.helpers import InlineExecutor
 
 FPS = 25
 STEP = 4 / FPS  # keyframes four frames apart: one latent frame per interval
@@ -129,15 +128,6 @@ def test_silent_character_with_zero_mask_cannot_change_frames(engine: DitEngine)
     assert np.all((predicted.masks >= 0) & (predicted.masks <= 1))
     with pytest.raises(ValueError, match="audio tracks"):
         engine.subclip_multi(prepared, keys[0], keys[1], [speech(1.0)] * 3, shot)
-
-
-class InlineExecutor(Executor):
-    """Runs each job at submit: the scheduler's order, deterministic, without threads."""
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        fut: Future[Any] = Future()
-        fut.set_result(fn(*args, **kwargs))
-        return fut
 
 
 async def test_tiny_cascade_through_the_scheduler(engine: DitEngine) -> None:

@@ -1,0 +1,280 @@
+"""A whole session on a fake clock, without a peer: control, speech input, tracks, bounded state.
+
+The session runs the real portrait engine, the embedded director (Whisper off:
+there is no live audio here) and Piper; engine and director work runs inline
+(``InlineExecutor``), so it takes no clock time and every run is the same.
+Frames are pulled from the session's video track as a peer would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engines.base import AUDIO_RATE, Avatar
+from engines.director.base import Director, PlanRequest
+from engines.director.embedded import EmbeddedDirector
+from engines.face import NoFaceError, analyse_face, mouth_corner_lift, mouth_opening
+from engines.portrait import PortraitEngine
+from engines.storyline import Window
+from realtime.clock import FakeClock
+from realtime.playout import Playout
+from realtime.scheduler import SchedulerConfig
+from realtime.timeline import AudioTimeline
+from realtime.tracks import CATCH_UP_S, AvatarVideoTrack
+from server.messages import Ack, Error, OutMessage
+from server.session import Session, SessionSettings
+from tests.helpers import InlineExecutor, astronaut, speech
+
+SIZE = (256, 256)
+LINE = ("Hello everyone, and welcome back to the stream. Today we talk about rockets, "
+        "the people who build them, and where they will take us next year.")
+
+
+@pytest.fixture(scope="module")
+def portrait() -> Iterator[tuple[PortraitEngine, Any, np.ndarray]]:
+    engine = PortraitEngine(size=SIZE)
+    image = astronaut()
+    # the director's models load once per process, as the server's warm-up does before sessions
+    EmbeddedDirector(transcribe=False).plan_sync(PlanRequest(
+        session_id="warm-up", start=0.0, end=2.0, text="Hello there.", instructions=["be cheerful"],
+        avatar_image=image, avatar_id="astronaut"))
+    yield engine, engine.prepare(Avatar(id="astronaut", image=image)), image
+
+
+class GatedDirector(Director):
+    """The embedded director, holding its answers while ``hold`` is set, until ``release()``."""
+
+    name = "gated-embedded"
+
+    def __init__(self) -> None:
+        self.inner = EmbeddedDirector(transcribe=False)
+        self.hold = False
+        self.held = 0
+        self._gate = asyncio.Event()
+
+    async def plan_window(self, request: PlanRequest) -> Window:
+        window = await self.inner.plan_window(request)
+        while self.hold:
+            self.held += 1
+            await self._gate.wait()
+            self._gate.clear()
+        return window
+
+    def release(self) -> None:
+        self.hold = False
+        self._gate.set()
+
+
+@dataclass
+class Sim:
+    session: Session
+    clock: FakeClock
+    messages: list[OutMessage] = field(default_factory=list)
+    frames: list[tuple[float, float, np.ndarray]] = field(default_factory=list)  # sent, pts, RGB
+    keep_frames: bool = True
+
+    async def pull(self) -> None:
+        while True:
+            vf = await self.session.video.recv()
+            if self.keep_frames:
+                self.frames.append((self.clock.now(), float(vf.pts * vf.time_base),
+                                    vf.to_ndarray(format="rgb24")))
+
+    async def advance(self, seconds: float, step: float = 0.01) -> None:
+        await self.clock.advance(seconds, step=step)
+
+    def send(self, **message: Any) -> None:
+        self.session.control.handle(json.dumps(message))
+
+    def acks(self, kind: str) -> list[Ack]:
+        return [m for m in self.messages if isinstance(m, Ack) and m.for_ == kind]
+
+
+@pytest.fixture
+async def sim(portrait: tuple[PortraitEngine, Any, np.ndarray]) -> AsyncIterator[Sim]:
+    asyncio.get_running_loop().set_default_executor(InlineExecutor())
+    engine, prepared, image = portrait
+    clock = FakeClock()
+    session = Session(engine=engine, prepared=prepared, avatar_id="astronaut", avatar_image=image,
+                      idle_frame=engine.idle_frame(prepared), director=GatedDirector(),
+                      executor=InlineExecutor(), settings=SessionSettings(scheduler=SchedulerConfig()),
+                      clock=clock)
+    s = Sim(session, clock)
+    session.subscribe(s.messages.append)
+    session.start()
+    puller = asyncio.ensure_future(s.pull())
+    try:
+        yield s
+    finally:
+        puller.cancel()
+        await asyncio.gather(puller, return_exceptions=True)
+        await session.close()
+
+
+def measure(frames: list[tuple[float, float, np.ndarray]], what: Any) -> tuple[np.ndarray, np.ndarray]:
+    times, values = [], []
+    for sent, _, frame in frames:
+        try:
+            values.append(what(analyse_face(frame).landmarks))
+        except NoFaceError:
+            values.append(np.nan)
+        times.append(sent)
+    return np.array(times), np.array(values)
+
+
+async def test_an_instruction_during_speech_shows_within_300_ms(sim: Sim) -> None:
+    from bench.instruct_latency import corrected_lift, half_rise
+
+    sim.send(type="say", text=LINE)
+    await sim.advance(2.5)
+    assert sim.session.timeline.speaking_tts(sim.session.playing_pts())
+    sent_at = sim.clock.now()
+    sim.send(type="instruct", text="be cheerful")
+    await sim.advance(1.6)
+    assert sim.acks("instruct")
+    frames = [f for f in sim.frames if sent_at - 2.0 <= f[0] < sent_at + 1.6]
+    t, lift = measure(frames, mouth_corner_lift)
+    _, opening = measure(frames, mouth_opening)
+    latency, before, after = half_rise(t, corrected_lift(t, lift, opening, sent_at), sent_at)
+    assert after > before + 0.005, f"the smile shows (mouth-corner lift {before:.4f} -> {after:.4f})"
+    assert latency is not None and latency <= 0.3, f"the smile showed {latency} s after the message"
+    # and it shows from the first frame rendered after the message: the frame due first
+    # after the cut (two frames after the one playing) already eases towards the smile
+    cut = sim.acks("instruct")[0].from_pts
+    assert sim.session.scheduler.stats.forced_keyframes == 0
+    assert sim.session.planner.current_shot(cut + 0.01).emotion.label.value == "happy"
+
+
+async def test_an_interrupt_during_a_replan_keeps_both(sim: Sim) -> None:
+    director = sim.session.planner.director
+    assert isinstance(director, GatedDirector)
+    sim.send(type="say", text=LINE)
+    await sim.advance(1.5)
+    director.hold = True
+    sim.send(type="instruct", text="be cheerful")
+    await sim.advance(0.02)
+    assert director.held >= 1, "the re-plan is on its way"
+    sim.send(type="interrupt")
+    cut = sim.acks("interrupt")[0].from_pts
+    await sim.advance(0.02)
+    director.release()
+    await sim.advance(1.5)
+    planner = sim.session.planner
+    assert planner.stale >= 1  # the plan that was under way when the interrupt came is dropped
+    assert planner.instructions == ["be cheerful"]
+    assert not any(b > cut + 1e-6 for _, b, _ in planner._texts)  # no words after the cut
+    assert not sim.session.timeline.speaking_tts(cut + 0.1)
+    silent = sim.session.timeline.read_out(cut + 0.05, 48_000)
+    assert np.abs(silent).max() == 0, "no voice after the interrupt"
+    later = [s for w in planner.storyline.windows for s in w.shots if s.start >= cut]
+    assert later and all(s.emotion.label.value == "happy" for s in later)
+    # what is shown after the cut: the mouth at rest (silence), where it moved with the speech
+    _, speaking = measure([f for f in sim.frames if 0.5 < f[1] < cut], mouth_opening)
+    _, quiet = measure([f for f in sim.frames if f[1] > cut + 0.3], mouth_opening)
+    assert np.nanstd(quiet) < 0.004 < np.nanstd(speaking)
+    assert np.nanmedian(quiet) < np.nanmedian(speaking)
+
+
+async def test_say_during_an_upload_replaces_it(sim: Sim) -> None:
+    upload = speech("This is an uploaded recording that should never be heard.")
+    out = np.round(np.repeat(upload, 3) * 32767).astype(np.int16)
+    sim.session.speech.play(upload, out)
+    sim.send(type="say", text="Hello there.")
+    await sim.advance(0.5)
+    timeline = sim.session.timeline
+    said = speech("Hello there.")
+    queued = timeline.tts_until - timeline._tts[0][0]
+    assert abs(queued - len(said) / AUDIO_RATE) < 0.1, "only the Say text was queued"
+    assert sim.session.speech.utterances == 1
+    texts = [tx for _, _, tx in sim.session.planner._texts]
+    assert texts == ["Hello there."]
+
+
+async def test_bad_control_messages_get_errors_and_change_nothing(sim: Sim) -> None:
+    for raw in ["not json", json.dumps({"type": "dance"}), json.dumps({"type": "say"}),
+                json.dumps({"type": "say", "text": "hi", "loud": True}),
+                json.dumps({"type": "instruct", "text": 5})]:
+        sim.session.control.handle(raw)
+    errors = [m.message for m in sim.messages if isinstance(m, Error)]
+    assert len(errors) == 5, errors
+    assert "not valid JSON" in errors[0]
+    assert "unknown message type 'dance'" in errors[1]
+    assert "'text' is missing" in errors[2] and "unexpected field 'loud'" in errors[3]
+    assert sim.session.speech.utterances == 0 and not sim.session.planner.instructions
+
+
+async def test_the_video_track_catches_up_with_the_clock() -> None:
+    clock = FakeClock()
+    playout = Playout(25, 0.1)
+    idle = np.zeros((8, 8, 3), np.uint8)
+    track = AvatarVideoTrack(playout, clock, AudioTimeline(horizon_s=5), idle)
+
+    async def recv_at(t: float) -> float:
+        """Ask for the next frame when the clock reads ``t``; its pts."""
+        await clock.advance(t - clock.now())
+        pending = asyncio.ensure_future(track.recv())
+        while not pending.done():
+            await clock.advance(0.001)
+        frame = pending.result()
+        return float(frame.pts * frame.time_base)
+
+    assert await recv_at(0.0) == 0.0  # waits until frame 0 is due at 0.1 s
+    # the encoder stalls for a second: the next frame is the one due now, not a backlog
+    assert await recv_at(1.1) == pytest.approx(1.0)
+    assert track.stats.skipped == 24 and track.stats.sent == 2
+    assert all(abs(lag) < 2 for lag in track.stats.send_lag_ms)  # and it left on time
+    # a short hiccup (under CATCH_UP_S) is not skipped: those frames still go, in order
+    assert await recv_at(1.1 + CATCH_UP_S / 2) == pytest.approx(1.04)
+    assert track.stats.skipped == 24
+
+
+async def test_an_hour_of_streaming_holds_memory_flat(portrait: tuple[PortraitEngine, Any, np.ndarray]
+                                                      ) -> None:
+    """An hour on the fake clock: Say every 20 s, an instruction every 5 minutes, idle between."""
+    asyncio.get_running_loop().set_default_executor(InlineExecutor())
+    engine, prepared, image = portrait
+    small = PortraitEngine(size=(96, 96))
+    prepared = small.prepare(Avatar(id="astronaut", image=image))
+    clock = FakeClock()
+    session = Session(engine=small, prepared=prepared, avatar_id="astronaut", avatar_image=image,
+                      idle_frame=small.idle_frame(prepared), director=EmbeddedDirector(transcribe=False),
+                      executor=InlineExecutor(),
+                      settings=SessionSettings(scheduler=SchedulerConfig(subclip_frames=5)), clock=clock)
+    s = Sim(session, clock, keep_frames=False)
+    session.start()
+    puller = asyncio.ensure_future(s.pull())
+    sizes: dict[int, tuple[int, ...]] = {}
+    tracemalloc.start()
+    try:
+        for minute in range(60):
+            for k in range(3):
+                s.send(type="say", text=f"Minute {minute}, part {k}: thanks for watching, more soon.")
+                await s.advance(20.0, step=0.2)
+            if minute % 5 == 0:
+                s.send(type="instruct", text="be cheerful" if minute % 10 else "look sad")
+            if minute in (10, 59):
+                tl, pl, sc = session.timeline, session.planner, session.scheduler
+                sizes[minute] = (len(tl._tts), len(tl._phonemes), len(pl.storyline.windows),
+                                 len(pl._texts), len(sc.storyline.windows), len(sc.keyframes),
+                                 session.playout.buffered(), len(session.tasks))
+                snap = tracemalloc.take_snapshot()
+                sizes[minute] += (sum(st.size for st in snap.statistics("filename")),)
+    finally:
+        tracemalloc.stop()
+        puller.cancel()
+        await asyncio.gather(puller, return_exceptions=True)
+        await session.close()
+    early, late = sizes[10], sizes[59]
+    assert session.video.stats.sent > 0.99 * 3600 * 25
+    for name, a, b in zip(["tts", "phonemes", "windows", "texts", "scheduler windows", "keyframes",
+                           "buffered", "tasks"], early, late, strict=False):
+        assert b <= max(2 * a, a + 20), f"{name}: {a} after 10 minutes, {b} after an hour"
+    assert late[-1] - early[-1] < 2_000_000, f"traced memory grew by {(late[-1] - early[-1]) / 1e6:.1f} MB"
