@@ -74,10 +74,10 @@ class PreparedPortrait:
     image: np.ndarray  # RGB uint8, output size: the framed photo
     framing: Framing
     characters: list[Character]
-    base_x: np.ndarray  # (H, W) float32 pixel grid
-    base_y: np.ndarray
     grid_x: np.ndarray  # (GRID, GRID) float32 coarse grid
     grid_y: np.ndarray
+    cell_px: np.ndarray  # (GRID, GRID, 2) float32: pixel position of each cell centre
+    grid_box: tuple[int, int, int, int]  # gx0, gy0, gx1, gy1: cells any face's fields touch
     rois: list[tuple[int, int, int, int]]  # x0, y0, x1, y1: where heads move (no overlaps)
     seed: int
     joins: dict[bytes, np.ndarray] = field(default_factory=dict)  # recent frames by controls
@@ -113,6 +113,13 @@ def _merge_rois(boxes: list[tuple[int, int, int, int]]) -> list[tuple[int, int, 
     return out
 
 
+def _cells(box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A pixel box grown to whole cells of the coarse grid."""
+    cw, ch = size[0] // GRID, size[1] // GRID
+    return (box[0] // cw * cw, box[1] // ch * ch, min(-(-box[2] // cw) * cw, size[0]),
+            min(-(-box[3] // ch) * ch, size[1]))
+
+
 def _silence(t0: float, t1: float) -> AudioSlice:
     return AudioSlice(start=t0, samples=np.zeros(max(round((t1 - t0) * AUDIO_RATE), 0), np.float32))
 
@@ -144,15 +151,19 @@ class PortraitEngine(Engine):
             rig.roi = _union(rig.roi, mouth.box)
             characters.append(Character(rig=rig, mouth=mouth, seed=character_seed(seed, c),
                                         x=float(lm[[234, 454], 0].mean())))
-        base_y, base_x = np.mgrid[0:h, 0:w].astype(np.float32)
         grid_y, grid_x = np.mgrid[0:GRID, 0:GRID].astype(np.float32)
+        cell_px = np.stack([(grid_x + 0.5) * (w / GRID) - 0.5, (grid_y + 0.5) * (h / GRID) - 0.5],
+                           axis=-1).astype(np.float32)
+        boxes = np.array([ch.rig.box for ch in characters])
+        grid_box = (max(int(boxes[:, 0].min()) - 2, 0), max(int(boxes[:, 1].min()) - 2, 0),
+                    min(int(boxes[:, 2].max()) + 2, GRID), min(int(boxes[:, 3].max()) + 2, GRID))
         log.info("prepared avatar %s: %d character(s), %s, face height %s px", avatar.id,
                  len(characters), frame_scale_note(framing),
                  ", ".join(f"{ch.rig.face_h:.0f}" for ch in characters))
         return PreparedPortrait(
             avatar_id=avatar.id, image=image, framing=framing, characters=characters,
-            base_x=base_x, base_y=base_y, grid_x=grid_x, grid_y=grid_y,
-            rois=_merge_rois([ch.rig.roi for ch in characters]), seed=seed)
+            grid_x=grid_x, grid_y=grid_y, cell_px=cell_px, grid_box=grid_box,
+            rois=_merge_rois([_cells(ch.rig.roi, self.size) for ch in characters]), seed=seed)
 
     def characters(self, prepared: PreparedPortrait) -> int:
         return len(prepared.characters)
@@ -260,17 +271,26 @@ class PortraitEngine(Engine):
         c[: len(ctl)] = ctl[:n]
         rigs = [ch.rig for ch in prepared.characters]
         fwd = coarse_field(rigs, c)
-        inv = invert(fwd, self.size, prepared.grid_x, prepared.grid_y)
-        full = cv2.resize(inv, (w, h), interpolation=cv2.INTER_LINEAR)
+        gx0, gy0, gx1, gy1 = prepared.grid_box
+        # the coarse backward map: pixel position of each cell centre minus the backward
+        # field; its bilinear upsample is the full map exactly (a position is linear)
+        inv = invert(fwd[gy0:gy1, gx0:gx1], self.size, prepared.grid_x[gy0:gy1, gx0:gx1],
+                     prepared.grid_y[gy0:gy1, gx0:gx1], offset=(gx0, gy0))
+        coarse_map = prepared.cell_px[gy0:gy1, gx0:gx1] - inv
         frame = prepared.image.copy()
         lifts = [0.12 * float(c[i, IDX["jaw"]]) + 0.5 * float(c[i, IDX["round"]]) for i in range(n)]
-        for x0, y0, x1, y1 in prepared.rois:
-            map_x = prepared.base_x[y0:y1, x0:x1] - full[y0:y1, x0:x1, 0]
-            map_y = prepared.base_y[y0:y1, x0:x1] - full[y0:y1, x0:x1, 1]
+        cell_w, cell_h = w // GRID, h // GRID
+        for x0, y0, x1, y1 in prepared.rois:  # cell-aligned, a cell of margin in the grid
+            cx0, cy0 = max(x0 // cell_w - 1, gx0), max(y0 // cell_h - 1, gy0)
+            cx1, cy1 = min(x1 // cell_w + 1, gx1), min(y1 // cell_h + 1, gy1)
+            part = cv2.resize(coarse_map[cy0 - gy0:cy1 - gy0, cx0 - gx0:cx1 - gx0],
+                              ((cx1 - cx0) * cell_w, (cy1 - cy0) * cell_h),
+                              interpolation=cv2.INTER_LINEAR)
+            ox, oy = x0 - cx0 * cell_w, y0 - cy0 * cell_h
+            maps = part[oy:oy + y1 - y0, ox:ox + x1 - x0]
             for i, ch in enumerate(prepared.characters):
-                mouth_mod.apply_field(ch.mouth, map_x, map_y, (x0, y0), float(c[i, IDX["jaw"]]),
-                                      lifts[i])
-            frame[y0:y1, x0:x1] = cv2.remap(prepared.image, map_x, map_y, cv2.INTER_LINEAR,
+                mouth_mod.apply_field(ch.mouth, maps, (x0, y0), float(c[i, IDX["jaw"]]), lifts[i])
+            frame[y0:y1, x0:x1] = cv2.remap(prepared.image, maps, None, cv2.INTER_LINEAR,
                                             borderMode=cv2.BORDER_REFLECT)
         for i, ch in enumerate(prepared.characters):
             jaw = float(c[i, IDX["jaw"]])

@@ -21,7 +21,7 @@ landmark displacements of the rig (``lip_displacements``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -40,6 +40,7 @@ OPEN_GAP = 0.025  # inner-lip gap (face heights) from which the photo's mouth co
 JAW_DROP = 0.14  # lower-lip drop at jaw 1, face heights
 LIP_LIFT = 0.03  # upper-lip lift at lift 1, face heights
 SPREAD = 0.8  # how the opening tapers to the corners: (1 - x^2) ** SPREAD
+TEETH_GAPS = np.array([-0.7, -0.55, -0.38, -0.2, 0.0, 0.2, 0.38, 0.55, 0.7], np.float32)
 UPPER_TEETH = 0.024  # upper teeth showing below the lip line on an opened mouth, face heights
 
 
@@ -60,6 +61,13 @@ class MouthRig:
     tongue: np.ndarray
     teeth: np.ndarray
     lift_px: float  # upper-lip lift at lift 1
+
+    jaw_patch: np.ndarray = field(init=False)  # contiguous halves of ``patch``
+    lift_patch: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.jaw_patch = np.ascontiguousarray(self.patch[..., 0:2])
+        self.lift_patch = np.ascontiguousarray(self.patch[..., 2:4])
 
     @property
     def box(self) -> tuple[int, int, int, int]:
@@ -172,6 +180,14 @@ def build_mouth(image: np.ndarray, lm: np.ndarray, size: tuple[int, int]) -> Mou
     lift = LIP_LIFT * fh
     patch = np.stack([drop * s_jaw * a[0], drop * s_jaw * a[1],
                       -lift * s_up * a[0], -lift * s_up * a[1]], axis=-1).astype(np.float32)
+    # keep only where the field moves anything (plus a pixel)
+    moving = np.argwhere(np.abs(patch).max(axis=-1) > 1e-3)
+    if len(moving):
+        (ty0, tx0), (ty1, tx1) = moving.min(axis=0), moving.max(axis=0) + 1
+        ty0, tx0 = max(int(ty0) - 1, 0), max(int(tx0) - 1, 0)
+        ty1, tx1 = min(int(ty1) + 1, patch.shape[0]), min(int(tx1) + 1, patch.shape[1])
+        patch = np.ascontiguousarray(patch[ty0:ty1, tx0:tx1])
+        x0, y0 = x0 + tx0, y0 + ty0
 
     # colours of the interior, from the photo's own lips and skin
     lip_poly = np.concatenate([lm[UPPER_OUTER, :2], lm[UPPER_INNER[::-1], :2]])
@@ -255,24 +271,23 @@ def opening(mouth: MouthRig, jaw: float, lift: float) -> tuple[np.ndarray, np.nd
     return upper, lower
 
 
-def apply_field(mouth: MouthRig, map_x: np.ndarray, map_y: np.ndarray, roi: tuple[int, int],
-                jaw: float, lift: float) -> None:
-    """Add the jaw and lip-lift field to backward maps covering pixels from ``roi`` (x0, y0)."""
+def apply_field(mouth: MouthRig, maps: np.ndarray, roi: tuple[int, int], jaw: float,
+                lift: float) -> None:
+    """Add the jaw and lip-lift field to a backward map (h, w, 2) whose pixel (0, 0) is ``roi``."""
     if jaw <= 1e-4 and lift <= 1e-4:
         return
     rx0, ry0 = roi
     px0, py0, px1, py1 = mouth.box
-    h, w = map_x.shape
+    h, w = maps.shape[:2]
     x0, y0 = max(px0 - rx0, 0), max(py0 - ry0, 0)
     x1, y1 = min(px1 - rx0, w), min(py1 - ry0, h)
     if x1 <= x0 or y1 <= y0:
         return
-    mx = map_x[y0:y1, x0:x1]
-    my = map_y[y0:y1, x0:x1]
-    v = cv2.remap(mouth.patch, mx - px0, my - py0, cv2.INTER_LINEAR,
-                  borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0))
-    mx -= jaw * v[..., 0] + lift * v[..., 2]
-    my -= jaw * v[..., 1] + lift * v[..., 3]
+    sub = maps[y0:y1, x0:x1]
+    both = cv2.addWeighted(mouth.jaw_patch, jaw, mouth.lift_patch, lift, 0.0)
+    at = sub - np.array([px0, py0], np.float32)
+    sub -= cv2.remap(both, at, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                     borderValue=(0, 0))
 
 
 def draw_interior(frame: np.ndarray, mouth: MouthRig, upper: np.ndarray, lower: np.ndarray,
@@ -332,10 +347,8 @@ def draw_interior(frame: np.ndarray, mouth: MouthRig, upper: np.ndarray, lower: 
         edge = v_top + (lift * mouth.lift_px + UPPER_TEETH * fh) * spread**0.5
         up = np.clip(edge - v + 0.5, 0, 1) * _smooth((0.92 - across) / 0.2)
         lit = np.clip((v - v_top) / np.maximum(edge - v_top, 1e-3), 0, 1)
-        seams = np.zeros_like(u)
-        for k in (0.0, 0.2, 0.38, 0.55, 0.7):
-            for sgn in ((1.0,) if k == 0 else (1.0, -1.0)):
-                seams = np.maximum(seams, np.clip(1 - np.abs(u - uc - sgn * k * hw) / 0.8, 0, 1))
+        gaps = np.abs((u - uc)[..., None] - TEETH_GAPS * hw).min(axis=-1)
+        seams = np.clip(1 - gaps / 0.8, 0, 1)
         tooth = mouth.teeth * ((0.62 + 0.38 * lit) * (1 - 0.45 * across**2)
                                * (1 - 0.22 * seams))[..., None]
         out = out * (1 - up[..., None]) + tooth * up[..., None]

@@ -205,7 +205,7 @@ def head_mask(lm: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     head_c = lm[:, :2].mean(axis=0) + np.array([0.0, -0.12 * face_h])
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     r = np.sqrt(((xs - head_c[0]) / (0.72 * face_h)) ** 2 + ((ys - head_c[1]) / (0.9 * face_h)) ** 2)
-    t = np.clip((r - 1.0) / 0.45, 0.0, 1.0)
+    t = np.clip((r - 1.0) / 0.4, 0.0, 1.0)
     return (1.0 - t * t * (3 - 2 * t)).astype(np.float32)
 
 
@@ -241,6 +241,7 @@ class FaceRig:
     point_basis: np.ndarray  # (len(CONTROLS), 478, 2): forward displacement of each landmark
     extra_basis: np.ndarray  # (len(CONTROLS), M, 2): same at extra points asked for
     roi: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels: where the head may move
+    active_basis: np.ndarray  # (len(active), cells * 2) float32: the active rows, flat
 
 
 def build_face_rig(lm: np.ndarray, cp: ControlPoints, disp: np.ndarray, size: tuple[int, int],
@@ -273,7 +274,8 @@ def build_face_rig(lm: np.ndarray, cp: ControlPoints, disp: np.ndarray, size: tu
     return FaceRig(landmarks=lm, face_h=face_h_of(lm), box=(int(gx0), int(gy0), int(gx1), int(gy1)),
                    basis=basis.astype(np.float32), active=active,
                    point_basis=point_basis.astype(np.float32), extra_basis=extra.astype(np.float32),
-                   roi=roi)
+                   roi=roi, active_basis=np.ascontiguousarray(
+                       basis[list(active)].reshape(len(active), -1), dtype=np.float32))
 
 
 # --------------------------------------------------------------------------- #
@@ -286,25 +288,28 @@ def coarse_field(rigs: list[FaceRig], controls: np.ndarray) -> np.ndarray:
     field = np.zeros((GRID, GRID, 2), np.float32)
     for rig, c in zip(rigs, controls, strict=True):
         gx0, gy0, gx1, gy1 = rig.box
-        sub = field[gy0:gy1, gx0:gx1]
-        for i in rig.active:
-            v = float(c[i])
-            if abs(v) > 1e-6:
-                sub += rig.basis[i] * v
+        weights = np.ascontiguousarray(c[list(rig.active)], dtype=np.float32)
+        if not np.any(weights):
+            continue
+        # einsum's own loop, not BLAS: one thread, as a frame must be rendered on one core
+        field[gy0:gy1, gx0:gx1] += np.einsum("a,ak->k", weights, rig.active_basis).reshape(
+            gy1 - gy0, gx1 - gx0, 2)
     return field
 
 
-def invert(field: np.ndarray, size: tuple[int, int], grid_x: np.ndarray, grid_y: np.ndarray
-           ) -> np.ndarray:
+def invert(field: np.ndarray, size: tuple[int, int], grid_x: np.ndarray, grid_y: np.ndarray,
+           offset: tuple[int, int] = (0, 0)) -> np.ndarray:
     """Backward field: solve q + d(q) = p for q by fixed-point steps q = p - d(q).
 
     Where the field compresses (a closing eyelid) the steps overshoot back and
     forth; the mean of the last two cancels most of that.
     """
     w, h = size
+    gx = grid_x - offset[0]  # ``field`` may be a part of the grid starting at ``offset``
+    gy = grid_y - offset[1]
     inv = prev = field
     for _ in range(INVERT_STEPS):
-        sx = grid_x - inv[..., 0] * (GRID / w)
-        sy = grid_y - inv[..., 1] * (GRID / h)
+        sx = gx - inv[..., 0] * (GRID / w)
+        sy = gy - inv[..., 1] * (GRID / h)
         prev, inv = inv, cv2.remap(field, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return 0.5 * (prev + inv)
