@@ -290,8 +290,8 @@ class PortraitEngine(Engine):
             maps = part[oy:oy + y1 - y0, ox:ox + x1 - x0]
             for i, ch in enumerate(prepared.characters):
                 mouth_mod.apply_field(ch.mouth, maps, (x0, y0), float(c[i, IDX["jaw"]]), lifts[i])
-            frame[y0:y1, x0:x1] = cv2.remap(prepared.image, maps, None, cv2.INTER_LINEAR,
-                                            borderMode=cv2.BORDER_REFLECT)
+            frame[y0:y1, x0:x1] = cv2.remap(  # type: ignore[call-overload]
+                prepared.image, maps, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
         for i, ch in enumerate(prepared.characters):
             jaw = float(c[i, IDX["jaw"]])
             if jaw <= 1e-3 and lifts[i] <= 1e-3:

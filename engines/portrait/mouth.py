@@ -285,9 +285,10 @@ def apply_field(mouth: MouthRig, maps: np.ndarray, roi: tuple[int, int], jaw: fl
         return
     sub = maps[y0:y1, x0:x1]
     both = cv2.addWeighted(mouth.jaw_patch, jaw, mouth.lift_patch, lift, 0.0)
-    at = sub - np.array([px0, py0], np.float32)
-    sub -= cv2.remap(both, at, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                     borderValue=(0, 0))
+    at: np.ndarray = sub - np.array([px0, py0], np.float32)
+    # a two-channel map needs no second one (the stubs do not know that)
+    sub -= cv2.remap(both, at, None, cv2.INTER_LINEAR,  # type: ignore[call-overload]
+                     borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0))
 
 
 def draw_interior(frame: np.ndarray, mouth: MouthRig, upper: np.ndarray, lower: np.ndarray,
