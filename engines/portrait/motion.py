@@ -148,7 +148,7 @@ def keyframe_state(shots: Sequence[Shot], t: float, seed: int, characters: int) 
                      for c in range(characters)])
 
 
-LISTEN_GAZE = 0.55  # gaze towards the speaker (in gaze_x units) at full attention
+LISTEN_GAZE = 0.9  # gaze towards the speaker (in gaze_x units) at full attention
 LISTEN_YAW = 0.045  # head turn towards the speaker, radians-ish
 
 
@@ -163,7 +163,7 @@ def listening(controls: np.ndarray, levels: Sequence[float], xs: Sequence[float]
         for o in range(n):
             if o == c:
                 continue
-            attention = float(levels[o]) * (1.0 - float(levels[c]))
+            attention = min(2.0 * float(levels[o]), 1.0) * (1.0 - min(2.0 * float(levels[c]), 1.0))
             if attention <= 0.0:
                 continue
             toward = 1.0 if xs[o] > xs[c] else -1.0

@@ -37,7 +37,7 @@ NOSE_BASE = 2
 
 N_SPLIT = 17  # points along the split curve
 OPEN_GAP = 0.025  # inner-lip gap (face heights) from which the photo's mouth counts as open
-JAW_DROP = 0.14  # lower-lip drop at jaw 1, face heights
+JAW_DROP = 0.09  # lower-lip drop at jaw 1, face heights
 LIP_LIFT = 0.03  # upper-lip lift at lift 1, face heights
 SPREAD = 0.8  # how the opening tapers to the corners: (1 - x^2) ** SPREAD
 TEETH_GAPS = np.array([-0.7, -0.55, -0.38, -0.2, 0.0, 0.2, 0.38, 0.55, 0.7], np.float32)
@@ -108,7 +108,7 @@ def build_mouth(image: np.ndarray, lm: np.ndarray, size: tuple[int, int]) -> Mou
     w, h = size
     fh = face_h_of(lm)
     a = face_axis(lm)
-    b = np.array([-a[1], a[0]])  # across the face: image right for an upright face
+    b = np.array([a[1], -a[0]])  # across the face: image right for an upright face
     o = ((lm[13, :2] + lm[14, :2]) / 2).astype(np.float64)
     uu, vu = _curve(lm, UPPER_INNER, o, a, b)
     ul, vl = _curve(lm, LOWER_INNER, o, a, b)
