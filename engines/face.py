@@ -2,7 +2,9 @@
 
 The face mesh model ships inside the mediapipe 0.10.21 wheel, so nothing is
 downloaded. One FaceMesh instance per process, guarded by a lock (mediapipe
-graphs are not re-entrant).
+graphs are not re-entrant). It looks for up to ``MAX_DETECT`` faces so that a
+photo with too many can be refused with the number found; faces come back
+ordered left to right (mediapipe keeps no order of its own).
 """
 
 from __future__ import annotations
@@ -20,8 +22,22 @@ _LOCK = threading.Lock()
 _MESH: Any = None
 
 
+MAX_DETECT = 8  # faces looked for; a count at this cap means "this many or more"
+
+
 class NoFaceError(ValueError):
     """The image holds no face that the face mesh can find."""
+
+
+class TooManyFacesError(ValueError):
+    """The image holds more faces than asked for."""
+
+    def __init__(self, found: int, limit: int) -> None:
+        more = " or more" if found >= MAX_DETECT else ""
+        super().__init__(f"found {found}{more} faces in the image; at most {limit} can be animated: "
+                         f"crop the photo to {'one person' if limit == 1 else 'one or two people'}")
+        self.found = found
+        self.limit = limit
 
 
 @dataclass(slots=True)
@@ -35,11 +51,20 @@ class FaceBox:
         return {"x": self.x, "y": self.y, "w": self.w, "h": self.h}
 
 
+    @classmethod
+    def of(cls, landmarks: np.ndarray) -> FaceBox:
+        x0, y0 = landmarks[:, :2].min(axis=0)
+        x1, y1 = landmarks[:, :2].max(axis=0)
+        return cls(int(round(x0)), int(round(y0)), int(round(x1 - x0)), int(round(y1 - y0)))
+
+
 @dataclass(slots=True)
 class FaceAnalysis:
-    landmarks: np.ndarray  # (478, 3) float32 in image pixels (z scaled like x)
+    landmarks: np.ndarray  # (478, 3) float32 in image pixels (z scaled like x): largest face
     box: FaceBox  # box of the largest face
     num_faces: int
+    faces: list[np.ndarray]  # every face's landmarks, left to right
+    boxes: list[FaceBox]  # their boxes, same order
 
 
 def _mesh() -> Any:
@@ -48,34 +73,70 @@ def _mesh() -> Any:
         import mediapipe as mp
 
         _MESH = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=True, max_num_faces=4, refine_landmarks=True,
+            static_image_mode=True, max_num_faces=MAX_DETECT, refine_landmarks=True,
             min_detection_confidence=0.5,
         )
     return _MESH
 
 
-def analyse_face(image: np.ndarray) -> FaceAnalysis:
-    """Landmarks of the largest face in an RGB uint8 image; NoFaceError if none."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an RGB uint8 image, got shape {image.shape} {image.dtype}")
+def _detect(image: np.ndarray) -> list[np.ndarray]:
     h, w = image.shape[:2]
     with _LOCK:
         result = _mesh().process(np.ascontiguousarray(image))
-    faces = result.multi_face_landmarks or []
+    return [np.array([[p.x * w, p.y * h, p.z * w] for p in face.landmark], dtype=np.float32)
+            for face in result.multi_face_landmarks or []]
+
+
+def _find_faces(image: np.ndarray) -> list[np.ndarray]:
+    """Faces of the whole image, and of square tiles along a long side.
+
+    The face detector sees the image shrunk to a small square, so on a wide
+    two-person photo a face can be too small to find; each tile shows it
+    larger. A face found more than once is kept from where it lies furthest
+    from a tile's edge (a face cut by an edge gets a poor mesh).
+    """
+    h, w = image.shape[:2]
+    found: list[tuple[float, np.ndarray]] = [(float("inf"), f) for f in _detect(image)]
+    side, long = min(h, w), max(h, w)
+    if long > 1.25 * side:
+        n = int(np.ceil(long / side)) + 1
+        for off in np.linspace(0, long - side, n).round().astype(int):
+            tile = image[:, off:off + side] if w > h else image[off:off + side, :]
+            for f in _detect(tile):
+                f[:, 0 if w > h else 1] += off
+                x0, y0 = f[:, :2].min(axis=0)
+                x1, y1 = f[:, :2].max(axis=0)
+                lo, hi = (x0, x1) if w > h else (y0, y1)
+                found.append((float(min(lo - off, off + side - hi)), f))
+    found.sort(key=lambda mf: -mf[0])
+    kept: list[np.ndarray] = []
+    for _, f in found:
+        c = f[:, :2].mean(axis=0)
+        if not any(np.all((k[:, :2].min(axis=0) <= c) & (c <= k[:, :2].max(axis=0))) for k in kept):
+            kept.append(f)
+    return kept
+
+
+def analyse_face(image: np.ndarray) -> FaceAnalysis:
+    """Landmarks of every face in an RGB uint8 image (left to right); NoFaceError if none."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 image, got shape {image.shape} {image.dtype}")
+    faces = _find_faces(image)
     if not faces:
         raise NoFaceError("no face found in the image")
-    best: np.ndarray | None = None
-    best_area = -1.0
-    for face in faces:
-        pts = np.array([[p.x * w, p.y * h, p.z * w] for p in face.landmark], dtype=np.float32)
-        area = float(np.ptp(pts[:, 0]) * np.ptp(pts[:, 1]))
-        if area > best_area:
-            best, best_area = pts, area
-    assert best is not None
-    x0, y0 = best[:, :2].min(axis=0)
-    x1, y1 = best[:, :2].max(axis=0)
-    box = FaceBox(int(round(x0)), int(round(y0)), int(round(x1 - x0)), int(round(y1 - y0)))
-    return FaceAnalysis(landmarks=best, box=box, num_faces=len(faces))
+    faces.sort(key=lambda pts: float(pts[234, 0] + pts[454, 0]))
+    areas = [float(np.ptp(pts[:, 0]) * np.ptp(pts[:, 1])) for pts in faces]
+    best = faces[int(np.argmax(areas))]
+    return FaceAnalysis(landmarks=best, box=FaceBox.of(best), num_faces=len(faces), faces=faces,
+                        boxes=[FaceBox.of(f) for f in faces])
+
+
+def analyse_faces(image: np.ndarray, limit: int = 2) -> FaceAnalysis:
+    """``analyse_face`` that refuses more than ``limit`` faces (``TooManyFacesError``)."""
+    analysis = analyse_face(image)
+    if analysis.num_faces > limit:
+        raise TooManyFacesError(analysis.num_faces, limit)
+    return analysis
 
 
 def mouth_opening(landmarks: np.ndarray) -> float:

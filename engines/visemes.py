@@ -93,9 +93,18 @@ def _from_signal(x: np.ndarray, voice: float | None) -> np.ndarray:
     return np.array([jaw, rounding * loud, 0.0, loud])
 
 
+AUDIO_CONTROLS = ("jaw", "round", "press", "nod", "level")
+"""Columns of ``audio_controls``."""
+
+
 def audio_controls(audio: AudioSlice, times: Sequence[float]) -> np.ndarray:
-    """(jaw, round, press, nod) per frame time; nod is a small pitch in radians."""
-    out = np.zeros((len(times), 4), np.float32)
+    """(jaw, round, press, nod, level) per frame time.
+
+    ``nod`` is a small pitch in radians; ``level`` is the loudness of the last
+    300 ms in [0, 1] (how much this voice is speaking now; a listener turns
+    towards it).
+    """
+    out = np.zeros((len(times), len(AUDIO_CONTROLS)), np.float32)
     n = round(WINDOW_S * AUDIO_RATE)
     for k, t in enumerate(times):
         x = audio.window(t - WINDOW_S, t)
@@ -113,5 +122,8 @@ def audio_controls(audio: AudioSlice, times: Sequence[float]) -> np.ndarray:
             frames = slow[: len(slow) // n * n].reshape(-1, n)
             e = np.sqrt((frames.astype(np.float64) ** 2).mean(axis=1)) + 1e-9
             level = np.clip((20 * np.log10(e) - FLOOR_DB) / RANGE_DB, 0, 1)
+            if audio.vad is not None:  # noise is not speech
+                level = level * min(max((audio.voice_prob(t - 0.3, t) or 0.0) - 0.25, 0.0) / 0.35, 1.0)
             out[k, 3] = 0.02 * float(level.mean())
+            out[k, 4] = float(level.mean())
     return out

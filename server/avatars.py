@@ -1,6 +1,9 @@
 """The avatars API's store: uploaded portraits, checked for a face, kept on disk.
 
-Each avatar is ``<dir>/<id>.png`` plus ``<id>.json`` (face box, size, time).
+Each avatar is ``<dir>/<id>.png`` plus ``<id>.json``: size, time, the faces
+found (one or two, left to right: character 0 is the leftmost) with a box
+each, and the framing the portrait engine's stream uses (the frame on the
+photo, in photo pixels, and how much of it lies past the photo and is filled).
 The default avatar (scikit-image's public-domain astronaut photo) is always
 there as ``astronaut`` and cannot be deleted.
 """
@@ -22,13 +25,16 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from engines.base import Avatar
-from engines.face import NoFaceError, analyse_face
+from engines.face import NoFaceError, TooManyFacesError, analyse_faces
+from engines.portrait.framing import frame_faces
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ID = "astronaut"
 MAX_PIXELS = 40_000_000  # decompression-bomb guard
 MAX_SIDE = 2048  # larger photos are scaled down before storing
+MAX_FACES = 2  # characters one photo can have
+FRAME_SIZE = (512, 512)  # the stream's frame the framing is reported for
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
@@ -44,15 +50,18 @@ class AvatarError(Exception):
 @dataclass(slots=True)
 class AvatarInfo:
     id: str
-    face_box: dict[str, int]
+    face_box: dict[str, int]  # the largest face's box
     width: int
     height: int
     faces: int
     created: float
+    face_boxes: list[dict[str, int]] | None = None  # one per face, left to right
+    framing: dict[str, float | int] | None = None  # see ``engines.portrait.framing.Framing``
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "face_box": self.face_box, "width": self.width,
-                "height": self.height, "faces": self.faces, "created": self.created}
+                "height": self.height, "faces": self.faces, "face_boxes": self.face_boxes,
+                "framing": self.framing, "created": self.created}
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -76,8 +85,10 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 class AvatarStore:
-    def __init__(self, root: Path, default_image: np.ndarray | None = None) -> None:
+    def __init__(self, root: Path, default_image: np.ndarray | None = None,
+                 frame_size: tuple[int, int] = FRAME_SIZE) -> None:
         self.root = root
+        self.frame_size = frame_size
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = asyncio.Lock()
         self._default_image = default_image
@@ -94,19 +105,25 @@ class AvatarStore:
             raise AvatarError(404, f"no avatar {avatar_id!r}")
 
     async def ensure_default(self) -> None:
-        if (self.root / f"{DEFAULT_ID}.json").exists():
-            return
+        meta = self.root / f"{DEFAULT_ID}.json"
+        if meta.exists() and "framing" in json.loads(meta.read_text()):
+            return  # (a record from before framing was reported is made again)
         await self._store(DEFAULT_ID, self._default())
 
     async def _store(self, avatar_id: str, image: np.ndarray) -> AvatarInfo:
         loop = asyncio.get_running_loop()
         try:
-            analysis = await loop.run_in_executor(None, analyse_face, image)
+            analysis = await loop.run_in_executor(None, analyse_faces, image, MAX_FACES)
         except NoFaceError as exc:
             raise AvatarError(422, "no face found in the image: upload a portrait with one "
                                    "clearly visible face") from exc
+        except TooManyFacesError as exc:
+            raise AvatarError(422, str(exc)) from exc
+        framing = frame_faces(analysis.faces, (image.shape[1], image.shape[0]), self.frame_size)
         info = AvatarInfo(id=avatar_id, face_box=analysis.box.as_dict(), width=image.shape[1],
-                          height=image.shape[0], faces=analysis.num_faces, created=time.time())
+                          height=image.shape[0], faces=analysis.num_faces, created=time.time(),
+                          face_boxes=[b.as_dict() for b in analysis.boxes],
+                          framing=framing.as_dict())
         async with self._lock:
             png = self.root / f"{avatar_id}.png"
             await loop.run_in_executor(None, lambda: Image.fromarray(image).save(png))

@@ -56,20 +56,74 @@ async function api(path, options = {}) {
   return res;
 }
 
+const avatarInfo = new Map();
+
 async function loadAvatars(select) {
   try {
     const data = await (await api("/v1/avatars")).json();
     const sel = $("avatar");
     sel.innerHTML = "";
+    avatarInfo.clear();
     for (const a of data.avatars) {
+      avatarInfo.set(a.id, a);
       const opt = document.createElement("option");
       opt.value = a.id;
-      opt.textContent = `${a.id} (${a.width}x${a.height})`;
+      const faces = a.faces > 1 ? `, ${a.faces} faces` : "";
+      opt.textContent = `${a.id} (${a.width}x${a.height}${faces})`;
       sel.appendChild(opt);
     }
     sel.value = select || data.default;
+    showPreview(sel.value);
   } catch (e) {
     showError(`avatars: ${e.message}`);
+  }
+}
+
+// The avatar preview: the photo through the frame the stream uses (the server's
+// framing), mirrored, blurred and darkened where the frame reaches past the photo.
+async function showPreview(id) {
+  const info = avatarInfo.get(id);
+  const canvas = $("avatar-preview");
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  $("avatar-faces").textContent = "";
+  if (!info || !info.framing) return;
+  const f = info.framing;
+  canvas.height = Math.round(canvas.width * f.out_h / f.out_w);
+  try {
+    const blob = await (await api(`/v1/avatars/${encodeURIComponent(id)}/image`)).blob();
+    const img = await createImageBitmap(blob);
+    const s = canvas.width / f.w;
+    const draw = (flipX, flipY, dx, dy) => {
+      ctx.save();
+      ctx.translate((dx * info.width - f.x) * s, (dy * info.height - f.y) * s);
+      ctx.scale(s * flipX, s * flipY);
+      ctx.drawImage(img, flipX < 0 ? -info.width : 0, flipY < 0 ? -info.height : 0);
+      ctx.restore();
+    };
+    if (f.outside > 0) {
+      ctx.filter = "blur(6px) brightness(0.8) saturate(0.8)";
+      for (const dx of [-1, 0, 1]) {
+        for (const dy of [-1, 0, 1]) {
+          if (dx || dy) draw(dx ? -1 : 1, dy ? -1 : 1, dx, dy);
+        }
+      }
+      ctx.filter = "none";
+    }
+    draw(1, 1, 0, 0);
+    ctx.strokeStyle = "rgba(255, 255, 255, 0.7)";
+    ctx.fillStyle = "rgba(255, 255, 255, 0.9)";
+    ctx.font = "11px sans-serif";
+    (info.face_boxes || [info.face_box]).forEach((b, i) => {
+      const x = (b.x - f.x) * s, y = (b.y - f.y) * s;
+      ctx.strokeRect(x, y, b.w * s, b.h * s);
+      if (info.faces > 1) ctx.fillText(String(i), x + 2, y + 11);
+    });
+    const filled = f.outside > 0.005 ? `, ${Math.round(100 * f.outside)}% filled past the photo` : "";
+    $("avatar-faces").textContent = info.faces > 1
+      ? `${info.faces} characters: 0 on the left, 1 on the right${filled}` : `one face${filled}`;
+  } catch (e) {
+    showError(`avatar preview: ${e.message}`);
   }
 }
 
@@ -249,6 +303,7 @@ $("speech-form").onsubmit = async (ev) => {
     showError(`audio upload failed: ${e.message}`);
   }
 };
+$("avatar").onchange = () => showPreview($("avatar").value);
 $("token").onchange = () => { localStorage.setItem("avatarToken", $("token").value.trim()); loadAvatars(); };
 $("upload-form").onsubmit = async (ev) => {
   ev.preventDefault();
