@@ -115,8 +115,8 @@ async def run(url: str, modes: list[str], runs: int, text: str) -> list[dict[str
         for _ in range(runs):
             out.append(await one_run(url, mode, text, mic))
             r = out[-1]
-            sys.stdout.write(f"  {mode}: {r['latency_ms'] if r['latency_ms'] is None else round(r['latency_ms'])} ms"
-                             f" (lift {r['lift_before']:.4f} -> {r['lift_after']:.4f})\n")
+            ms = "no change" if r["latency_ms"] is None else f"{r['latency_ms']:.0f} ms"
+            sys.stdout.write(f"  {mode}: {ms} (lift {r['lift_before']:.4f} -> {r['lift_after']:.4f})\n")
             sys.stdout.flush()
     return out
 
@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         got = [r["latency_ms"] for r in results if r["mode"] == mode]
         measured = [x for x in got if x is not None]
         if measured:
-            sys.stdout.write(f"{mode}: instruction '{args.text}' half-rise after {statistics.median(measured):.0f} ms"
-                             f" median, {max(measured):.0f} ms worst, over {len(measured)} of {len(got)} runs\n")
+            sys.stdout.write(
+                f"{mode}: instruction '{args.text}' half-rise after {statistics.median(measured):.0f} ms "
+                f"median, {max(measured):.0f} ms worst, over {len(measured)} of {len(got)} runs\n")
         else:
             sys.stdout.write(f"{mode}: no change measured in {len(got)} runs\n")
     if args.json:
