@@ -243,7 +243,8 @@ def group_audio_windows(context: torch.Tensor, temporal_stride: int) -> tuple[to
         raise ValueError(f"audio context has {t} video frames; expected 1 + {temporal_stride} * k")
     mid = AUDIO_WINDOW // 2
     first = context[:, :1]
-    later = context[:, 1:].unflatten(1, (-1, temporal_stride))  # (B, F-1, stride, 5, ...)
+    b, _, _, *rest = context.shape
+    later = context[:, 1:].reshape(b, (t - 1) // temporal_stride, temporal_stride, AUDIO_WINDOW, *rest)
     rows = torch.cat(
         [
             later[:, :, 0, : mid + 1],
@@ -394,7 +395,11 @@ class FlashHeadTransformer(ModelMixin, ConfigMixin):
 
 
 def transformer_flops(config: FlashHeadTransformer | dict[str, Any], latent: tuple[int, int, int]) -> int:
-    """Multiply-adds x 2 of one forward at latent size ``(F, H, W)`` (matmuls and attention only)."""
+    """FLOPs (2 per multiply-add) of one batch-1 forward at latent size ``(F, H, W)``.
+
+    Matmuls, convolutions and attention; elementwise work (norms, RoPE,
+    modulation) is left out, as in the usual MFU accounting.
+    """
     cfg = dict(config.config) if isinstance(config, FlashHeadTransformer) else dict(config)
     f, h, w = latent
     pf, ph, pw = cfg["patch_size"]
@@ -423,4 +428,5 @@ def transformer_flops(config: FlashHeadTransformer | dict[str, Any], latent: tup
         )
     )
     io = 2 * tokens * d * (int(cfg["in_dim"]) + int(cfg["out_dim"])) * pf * ph * pw
-    return layers * block + audio + io
+    time = 2 * (int(cfg["freq_dim"]) * d + d * d + d * 6 * d)
+    return layers * block + audio + io + time
