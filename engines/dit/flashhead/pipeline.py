@@ -89,7 +89,7 @@ def resize_and_center_crop(image: np.ndarray, height: int, width: int) -> np.nda
     fh, fw = math.ceil(scale * h0), math.ceil(scale * w0)
     resized = np.asarray(Image.fromarray(image).resize((fw, fh), resample=Image.Resampling.BILINEAR))
     top, left = int(round((fh - height) / 2.0)), int(round((fw - width) / 2.0))
-    return resized[top : top + height, left : left + width]
+    return np.array(resized[top : top + height, left : left + width])  # a writable copy
 
 
 class FlashHead:
@@ -199,7 +199,7 @@ class FlashHead:
         if (s.frames - 1) % self.vae.temporal_stride:
             raise ValueError(f"{s.frames} frames per chunk is not 1 + {self.vae.temporal_stride} * k")
         crop = resize_and_center_crop(image, s.height, s.width)
-        pixels = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None, :, None]
+        pixels = torch.from_numpy(crop).permute(2, 0, 1)[None, :, None]
         pixels = (pixels.to(self.device, dtype=self.dtype) / 255 - 0.5) * 2  # (1, 3, 1, H, W)
         latent = self.vae.encode(pixels.repeat(1, 1, s.frames, 1, 1))
         return Reference(image=pixels, latent=latent)
