@@ -268,12 +268,39 @@ def write_wav2vec(folder: pathlib.Path, *, published_widths: bool = True, seed: 
     ).save_pretrained(folder)
 
 
-def write_published_layout(root: pathlib.Path, *, vae_base: int = 8, num_layers: int = 2) -> pathlib.Path:
-    """``root/SoulX-FlashHead-1_3B`` (Pro files only) and ``root/wav2vec2-base-960h``; returns the first."""
+def write_ltx_vae(folder: pathlib.Path, *, seed: int = 3) -> None:
+    """``VAE_LTX/``: a diffusers ``AutoencoderKLLTXVideo`` folder, 128 latent channels, narrow blocks."""
+    from diffusers import AutoencoderKLLTXVideo
+
+    torch.manual_seed(seed)
+    model = AutoencoderKLLTXVideo(
+        latent_channels=128,
+        block_out_channels=(8, 8, 16, 16),
+        decoder_block_out_channels=(8, 8, 16, 16),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+    )
+    model.latents_mean.copy_(0.1 * torch.randn(128))
+    model.latents_std.copy_(1.0 + 0.5 * torch.rand(128))
+    model.save_pretrained(folder)
+
+
+def write_published_layout(
+    root: pathlib.Path, *, model: str = "pro", vae_base: int = 8, num_layers: int = 2
+) -> pathlib.Path:
+    """``root/SoulX-FlashHead-1_3B`` (one model's files only) and ``root/wav2vec2-base-960h``.
+
+    Returns the first. The DiT keeps the published config but for its depth and FFN width.
+    """
     weights = root / "SoulX-FlashHead-1_3B"
-    write_model_folder(weights / "Model_Pro", tiny_config(PRO_CONFIG, num_layers=num_layers))
-    write_wan_vae(weights / "VAE_Wan" / "Wan2.1_VAE.pth", vae_base)
-    write_wav2vec(root / "wav2vec2-base-960h")
+    if model == "pro":
+        write_model_folder(weights / "Model_Pro", tiny_config(PRO_CONFIG, num_layers=num_layers))
+        write_wan_vae(weights / "VAE_Wan" / "Wan2.1_VAE.pth", vae_base)
+    else:
+        write_model_folder(weights / "Model_Lite", tiny_config(LITE_CONFIG, num_layers=num_layers))
+        write_ltx_vae(weights / "VAE_LTX")
+    if not (root / "wav2vec2-base-960h").is_dir():
+        write_wav2vec(root / "wav2vec2-base-960h")
     return weights
 
 

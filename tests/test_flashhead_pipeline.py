@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from engines.dit.flashhead import ChunkSettings, FlashHead, LayoutError, Reference
+from engines.dit.flashhead.vae_ltx import LTXVAE
 from engines.dit.flashhead.vae_wan import WanVAE
 from tests.flashhead_layout import tone, write_published_layout
 from tests.helpers import astronaut
@@ -116,3 +117,22 @@ def test_chunks_continue_from_their_motion_frames_and_follow_the_audio(
         fh.generate_chunk(reference, speech[:, :32])
     with pytest.raises(ValueError, match=r"expected \(1, 3, 5, H, W\)"):
         fh.generate_chunk(reference, speech, first.video[:, :, :4])
+
+
+def test_lite_loads_the_ltx_layout_and_makes_chunks_of_its_own_shape(tmp_path: pathlib.Path) -> None:
+    weights = write_published_layout(tmp_path, model="lite", num_layers=1)
+    lite = FlashHead.from_pretrained(
+        weights, wav2vec=tmp_path / "wav2vec2-base-960h", model="lite", device="cpu", dtype=torch.float32,
+        settings=ChunkSettings(height=64, width=64),
+    )  # fmt: skip
+    assert sorted(p.name for p in weights.iterdir()) == ["Model_Lite", "VAE_LTX"]
+    assert isinstance(lite.vae, LTXVAE) and (lite.motion_frames, lite.latent_frames) == (9, 5)
+    ref = lite.prepare_reference(astronaut())
+    assert ref.latent.shape == (128, 5, 2, 2)
+    ctx = lite.audio_context(lite.audio_embedding(tone(1.33)))
+    chunk = lite.generate_chunk(ref, ctx, generator=torch.Generator().manual_seed(0))
+    assert chunk.video.shape == (1, 3, 33, 64, 64) and chunk.motion_frames.shape == (1, 3, 9, 64, 64)
+    nxt = lite.generate_chunk(ref, ctx, chunk.motion_frames, generator=torch.Generator().manual_seed(1))
+    assert nxt.video.shape == (1, 3, 33, 64, 64)
+    # 24 new frames per Lite chunk: 33 minus the 9 it continues from
+    assert lite.settings.frames - lite.motion_frames == 24
