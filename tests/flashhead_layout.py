@@ -240,7 +240,7 @@ def write_wan_vae(path: pathlib.Path, base: int = 8, *, seed: int = 1) -> dict[s
 
 
 def write_wav2vec(folder: pathlib.Path, *, published_widths: bool = True, seed: int = 2) -> None:
-    """A random wav2vec2 folder saved by transformers (model + feature extractor config).
+    """A random ``Wav2Vec2ForCTC`` folder saved by transformers, with its feature extractor config.
 
     With ``published_widths`` it has wav2vec2-base's 12 layers of width 768 (what
     the DiT's audio projection takes) but a narrow FFN (64, not 3072), narrow
@@ -261,7 +261,7 @@ def write_wav2vec(folder: pathlib.Path, *, published_widths: bool = True, seed: 
         num_conv_pos_embedding_groups=16 if published_widths else 4,
     )
     torch.manual_seed(seed)
-    model = transformers.Wav2Vec2Model(config)
+    model = transformers.Wav2Vec2ForCTC(config)  # as published: a CTC model, encoder under wav2vec2.*
     model.save_pretrained(folder)
     transformers.Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=False

@@ -24,6 +24,19 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Wav2Vec2Features:
     return Wav2Vec2Features(folder)
 
 
+def test_the_ctc_checkpoints_encoder_is_what_loads(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from safetensors.torch import load_file
+
+    folder = tmp_path_factory.mktemp("wav2vec_ctc")
+    write_wav2vec(folder, published_widths=False)
+    saved = load_file(str(folder / "model.safetensors"))
+    loaded = Wav2Vec2Features(folder).model.state_dict()
+    encoder = {k.removeprefix("wav2vec2."): v for k, v in saved.items() if k.startswith("wav2vec2.")}
+    assert set(encoder) <= set(loaded) and len(encoder) > 40
+    for k, v in encoder.items():
+        assert torch.equal(loaded[k], v), k
+
+
 def test_layer_outputs_equal_transformers_own_hidden_states(small: Wav2Vec2Features) -> None:
     # at 50 fps and 320 k + 100 samples the convolutions give exactly int(len * 50 / 16000)
     # frames, the resampling is the identity, and the layer outputs must be transformers' own

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.dit.flashhead import ChunkSettings, FlashHead, LayoutError, Reference
+from engines.dit.flashhead import ChunkSettings, FlashHead, LayoutError, Reference, video_to_frames
 from engines.dit.flashhead.vae_ltx import LTXVAE
 from engines.dit.flashhead.vae_wan import WanVAE
 from tests.flashhead_layout import tone, write_published_layout
@@ -104,6 +104,9 @@ def test_chunks_continue_from_their_motion_frames_and_follow_the_audio(
     assert first.video.min() >= -1 and first.video.max() <= 1
     assert torch.equal(first.latents[:, :1], reference.latent[:, :1])
     assert torch.equal(first.motion_frames, first.video[:, :, -5:])
+    frames = video_to_frames(first.video)
+    assert frames.shape == (33, 64, 64, 3) and frames.dtype == np.uint8
+    assert np.array_equal(frames[3, 5, 7], (((first.video[0, :, 3, 5, 7] + 1) / 2) * 255).int().numpy())
 
     again = fh.generate_chunk(reference, speech, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.video, first.video)  # a seeded stream repeats

@@ -14,7 +14,7 @@ from engines.dit.flashhead.loading import (
     load_transformer,
     published_files,
 )
-from engines.dit.flashhead.pipeline import Chunk, ChunkSettings, FlashHead, Reference
+from engines.dit.flashhead.pipeline import Chunk, ChunkSettings, FlashHead, Reference, video_to_frames
 from engines.dit.flashhead.sampler import denoise, renoise_step, sampling_timesteps
 from engines.dit.flashhead.transformer import FlashHeadTransformer, transformer_flops
 
@@ -37,4 +37,5 @@ __all__ = [
     "renoise_step",
     "sampling_timesteps",
     "transformer_flops",
+    "video_to_frames",
 ]

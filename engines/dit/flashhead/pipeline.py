@@ -92,6 +92,14 @@ def resize_and_center_crop(image: np.ndarray, height: int, width: int) -> np.nda
     return np.array(resized[top : top + height, left : left + width])  # a writable copy
 
 
+def video_to_frames(video: torch.Tensor) -> np.ndarray:
+    """``(1, 3, T, H, W)`` in ``[-1, 1]`` -> ``(T, H, W, 3)`` uint8, truncated as the reference does."""
+    if video.ndim != 5 or video.shape[:2] != (1, 3):
+        raise ValueError(f"video has shape {tuple(video.shape)}; expected (1, 3, T, H, W)")
+    frames = ((video[0].float() + 1) / 2).permute(1, 2, 3, 0).clip(0, 1) * 255
+    return frames.cpu().numpy().astype(np.uint8)
+
+
 class FlashHead:
     """The SoulX-FlashHead DiT, its VAE and its audio encoder."""
 
