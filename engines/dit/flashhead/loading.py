@@ -141,7 +141,6 @@ def load_into(
     device: torch.device | str,
     rename: Mapping[str, str] | None = None,
     drop: tuple[str, ...] = (),
-    keep_float32: Callable[[str], bool] | None = None,
 ) -> None:
     """Assign every tensor of a checkpoint to ``model`` (built on the meta device), strictly.
 
@@ -153,7 +152,7 @@ def load_into(
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     file_names = list(names)
     dropped = [n for n in file_names if n.startswith(drop)] if drop else []
-    kept = [n for n in file_names if n not in set(dropped)]
+    kept = [n for n in file_names if not (drop and n.startswith(drop))]
     target = {n: rename.get(n, n) for n in kept}
     back = {v: k for k, v in target.items()}
     unexpected = [n for n, t in target.items() if t not in expected]
@@ -173,8 +172,7 @@ def load_into(
         if tuple(tensor.shape) != expected[tname]:
             wrong.append(f"{name}: file {tuple(tensor.shape)} vs model {expected[tname]}")
             continue
-        want = torch.float32 if keep_float32 is not None and keep_float32(tname) else dtype
-        state[tname] = tensor.to(device=device, dtype=want if tensor.is_floating_point() else tensor.dtype)
+        state[tname] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     if wrong:
         raise CheckpointError(f"{source}: shape mismatch: {'; '.join(wrong[:10])}")
     model.load_state_dict(state, strict=True, assign=True)
