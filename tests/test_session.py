@@ -241,7 +241,7 @@ async def test_an_hour_of_streaming_holds_memory_flat(portrait: tuple[PortraitEn
     """An hour on the fake clock: Say every 20 s, an instruction every 5 minutes, idle between."""
     asyncio.get_running_loop().set_default_executor(InlineExecutor())
     engine, prepared, image = portrait
-    small = PortraitEngine(size=(96, 96))
+    small = PortraitEngine(size=(128, 128))
     prepared = small.prepare(Avatar(id="astronaut", image=image))
     clock = FakeClock()
     session = Session(engine=small, prepared=prepared, avatar_id="astronaut", avatar_image=image,

@@ -131,6 +131,10 @@ class PortraitEngine(Engine):
 
     def __init__(self, *, fps: int = 25, size: tuple[int, int] = (512, 512)) -> None:
         super().__init__(fps=fps, size=size)
+        if size[0] % GRID or size[1] % GRID:
+            # the warp is upsampled from whole pixel cells of the coarse grid
+            raise ValueError(f"portrait engine size {size[0]}x{size[1]} must be a multiple of {GRID} "
+                             f"on both sides (e.g. 512x512)")
 
     # 1. prepare ---------------------------------------------------------------
     def prepare(self, avatar: Avatar) -> PreparedPortrait:
