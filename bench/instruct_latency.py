@@ -84,8 +84,10 @@ async def one_run(url: str, mode: str, text: str, mic: np.ndarray) -> dict[str, 
         await asyncio.sleep(3.0)
         sent = time.perf_counter()
         peer.send({"type": "instruct", "text": text})
+        before = peer.messages("stats")[-1]
         await peer.wait_until(lambda: peer.got.video[-1][0] > sent + 1.6, 10, "video after the message")
         acks = peer.messages("ack")
+        after = peer.messages("stats")[-1]
     finally:
         await peer.close()
     frames = [(t, f) for t, f in peer.got.video if sent - 2.0 <= t <= sent + 1.6]
@@ -103,7 +105,10 @@ async def one_run(url: str, mode: str, text: str, mic: np.ndarray) -> dict[str, 
     lift = corrected_lift(tt, np.array(lifts), np.array(openings), sent)
     latency, base, final = half_rise(tt, lift, sent)
     return {"mode": mode, "latency_ms": None if latency is None else latency * 1000,
-            "lift_before": base, "lift_after": final, "acked": bool(acks)}
+            "lift_before": base, "lift_after": final, "acked": bool(acks),
+            "plan_ms": after["plan_ms"],
+            "forced_keyframes": after["forced_keyframes"] - before["forced_keyframes"],
+            "held_frames": after["held_frames"] - before["held_frames"]}
 
 
 async def run(url: str, modes: list[str], runs: int, text: str) -> list[dict[str, Any]]:
@@ -116,7 +121,9 @@ async def run(url: str, modes: list[str], runs: int, text: str) -> list[dict[str
             out.append(await one_run(url, mode, text, mic))
             r = out[-1]
             ms = "no change" if r["latency_ms"] is None else f"{r['latency_ms']:.0f} ms"
-            sys.stdout.write(f"  {mode}: {ms} (lift {r['lift_before']:.4f} -> {r['lift_after']:.4f})\n")
+            sys.stdout.write(f"  {mode}: {ms} (lift {r['lift_before']:.4f} -> {r['lift_after']:.4f}; "
+                             f"director {r['plan_ms']} ms per window, {r['forced_keyframes']} keyframes "
+                             f"made before the new plan, {r['held_frames']} frames held)\n")
             sys.stdout.flush()
     return out
 

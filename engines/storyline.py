@@ -82,6 +82,8 @@ class Shot(BaseModel):
     gestures: list[Gesture] = Field(default_factory=list)
     gaze: GazeTarget = GazeTarget.camera
     head_motion: float = Field(0.5, ge=0.0, le=1.0, description="head-motion energy")
+    ease_s: float = Field(0.5, ge=0.0, le=2.0,
+                          description="seconds the face takes to change from the shot before into this one")
     framing: Framing = Framing.close_up
     prompt: str = Field("", max_length=2000)
     negative_prompt: str = Field("", max_length=2000)

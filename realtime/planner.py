@@ -49,6 +49,18 @@ MAX_INSTRUCTIONS = 20
 RECENT_AUDIO_S = 3.0  # live audio the director hears when it plans ahead of it
 HISTORY_S = 30.0  # planned windows and spoken texts kept behind the clock
 EAGER_SPACING_S = 0.04  # windows beyond the lead (known speech) are planned at most one per frame
+INSTRUCTED_EASE_S = 0.25  # the host asked for it: the face changes this quickly into the first new shot
+
+
+def _ease_in(window: Window, ease_s: float) -> Window:
+    """The window with its first shot (per character) eased in over ``ease_s`` at most."""
+    first: dict[int, int] = {}
+    for i, shot in enumerate(window.shots):
+        if shot.character not in first or shot.start < window.shots[first[shot.character]].start:
+            first[shot.character] = i
+    shots = [s.model_copy(update={"ease_s": min(s.ease_s, ease_s)}) if i in first.values() else s
+             for i, s in enumerate(window.shots)]
+    return window.model_copy(update={"shots": shots})
 
 
 class RollingPlanner:
@@ -79,6 +91,7 @@ class RollingPlanner:
         self._planned_until = 0.0  # the current generation's plan reaches this pts
         self._replan_until = 0.0  # a re-plan redoes the plan at least up to here
         self._texts: list[tuple[float, float, str]] = []  # known speech and where it plays
+        self._instructed_at: float | None = None  # the pts an instruction applies from, until planned
 
     # --- reading the plan (stats) --------------------------------------------------
     def current_shot(self, t: float) -> Shot | None:
@@ -94,6 +107,7 @@ class RollingPlanner:
             self.instructions.append(event.text)
             del self.instructions[:-MAX_INSTRUCTIONS]
             self._restart(event.from_pts)
+            self._instructed_at = self._planned_until
         elif isinstance(event, SpeechQueued):
             self._texts += list(event.spans)
             self._restart(event.start)
@@ -169,6 +183,9 @@ class RollingPlanner:
             # this window was planned without it, so it never reaches the scheduler
             self.stale += 1
             return False
+        if self._instructed_at is not None and abs(window.start - self._instructed_at) < 1e-6:
+            window = _ease_in(window, INSTRUCTED_EASE_S)
+        self._instructed_at = None
         horizon = self.clock.now() - HISTORY_S
         self.storyline = self.storyline.put(window, forget_before=horizon)
         self._texts = [x for x in self._texts if x[1] > horizon]

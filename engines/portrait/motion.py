@@ -22,8 +22,6 @@ import numpy as np
 from engines.portrait.rig import IDX, N_BLUEPRINT
 from engines.storyline import GazeTarget, GestureKind, Shot, default_shot, shot_face
 
-TRANSITION_S = 0.5  # expression changes ease over this long after a shot boundary
-
 
 def _shot_face(shot: Shot) -> np.ndarray:
     """(smile, brow_raise, brow_frown, eye_wide) targets of a shot."""
@@ -98,8 +96,9 @@ def blueprint_controls(shots: Sequence[Shot], t: float, seed: int) -> np.ndarray
                 None)
     face = _shot_face(shot)
     energy = shot.head_motion
-    if prev is not None and t - shot.start < TRANSITION_S:
-        w = _smooth((t - shot.start) / TRANSITION_S)
+    if prev is not None and t - shot.start < shot.ease_s:
+        # the face eases from the shot before over the shot's own ease (quicker for instructions)
+        w = _smooth((t - shot.start) / shot.ease_s)
         face = (1 - w) * _shot_face(prev) + w * face
         energy = (1 - w) * prev.head_motion + w * energy
     c = np.zeros(N_BLUEPRINT, np.float32)
