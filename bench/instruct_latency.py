@@ -1,16 +1,18 @@
 """How soon an instruction shows in the video, end to end over WebRTC.
 
-    python -m bench.instruct_latency [--runs 5] [--mode mic upload] [--text "be cheerful"] [--json out.json]
+    python -m bench.instruct_latency [--runs 5] [--text "be cheerful"] [--json out.json]
 
 Starts ``avatar serve`` (portrait engine, embedded director) as a user would and,
 for each run, connects a Python WebRTC peer on 127.0.0.1 whose avatar is
-speaking: either live (``mic``: the peer's microphone plays Piper speech, so
-sub-clips render as the audio arrives) or from known speech (``upload``: the
-same speech posted to ``/v1/sessions/{id}/speech``, planned whole and rendered
-ahead as Say text is, so an instruction must redo what was rendered; Piper's
-synthesis is not the same twice, so Say text would spoil the paired runs).
-Three seconds into the speech, it sends ``instruct`` on the control channel
-and records the client's clock.
+speaking live: the peer's microphone plays Piper speech, so sub-clips render
+as the audio arrives. Three seconds into the speech, it sends ``instruct`` on
+the control channel and records the client's clock.
+
+Known speech (Say text, uploads), which is rendered ahead and must be redone,
+is measured on the fake clock instead (``tests/test_session.py``): there the
+paired sessions are exactly alike, where over the network the two sessions'
+idle motion (which follows each session's own clock) and the director's other
+choices differ by more than the instruction's effect.
 
 The latency is read off the received frames with the face mesh: the
 mouth-corner lift of each frame (``engines.face.mouth_corner_lift``). Speech
@@ -42,6 +44,7 @@ from typing import Any
 import numpy as np
 
 SENT_AT_S = 3.0  # the instruction goes this long after the avatar starts speaking
+FIT_AFTER_S = 0.8  # the first change is fitted over this long after the message
 
 
 @dataclass(slots=True)
@@ -66,14 +69,15 @@ def _ease(x: np.ndarray) -> np.ndarray:
 def fit_step(times: np.ndarray, values: np.ndarray, t0: float) -> Step:
     """The eased step that best fits a noisy per-frame measure around ``t0`` (least squares).
 
-    Every frame counts, so speech jitter on single frames barely moves the estimate;
-    a search over start (0-1.2 s after ``t0``, 10 ms steps) and duration (40 ms-1 s),
-    with base and amount solved exactly for each.
+    Every frame from a second before ``t0`` to ``FIT_AFTER_S`` after it counts, so speech
+    jitter on single frames barely moves the estimate, and later changes (the next
+    windows of the new plan) do not; a search over start (0-0.6 s after ``t0``, 10 ms
+    steps) and duration (40 ms-1 s), with base and amount solved exactly for each.
     """
-    ok = ~np.isnan(values)
+    ok = ~np.isnan(values) & (times >= t0 - 1.0) & (times <= t0 + FIT_AFTER_S)
     t, y = times[ok] - t0, values[ok]
     best: tuple[float, Step] | None = None
-    for start in np.arange(0.0, 1.2, 0.01):
+    for start in np.arange(0.0, 0.6, 0.01):
         for duration in (0.04, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0):
             basis = np.stack([np.ones_like(t), _ease((t - start) / duration)], 1)
             coef, *_ = np.linalg.lstsq(basis, y, rcond=None)
@@ -82,25 +86,6 @@ def fit_step(times: np.ndarray, values: np.ndarray, t0: float) -> Step:
                 best = (err, Step(float(start), duration, float(coef[0]), float(coef[1])))
     assert best is not None
     return best[1]
-
-
-async def post_speech(url: str, audio: np.ndarray) -> None:
-    """Upload 48 kHz mono float speech for the session to say (``POST .../speech``, a WAV file)."""
-    import io
-    import wave
-
-    import aiohttp
-
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(48_000)
-        w.writeframes(np.clip(audio * 32767, -32768, 32767).astype(np.int16).tobytes())
-    async with aiohttp.ClientSession() as http, http.post(
-            url, data=buf.getvalue(), headers={"Content-Type": "audio/wav"}) as res:
-        if res.status != 202:
-            raise RuntimeError(f"upload refused: {res.status} {await res.text()}")
 
 
 def lift_series(frames: list[tuple[float, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -126,12 +111,12 @@ def instruction_effect(with_: tuple[np.ndarray, np.ndarray], without: tuple[np.n
     return fit_step(t, y - np.interp(t, tc[ok], yc[ok]), t0)
 
 
-async def one_session(url: str, mode: str, text: str | None, mic: np.ndarray
+async def one_session(url: str, text: str | None, mic: np.ndarray
                       ) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, Any]]:
     """One session speaking; ``text`` (if any) sent 3 s into its speech. Times are from its speech start."""
     from server.peer import AvatarPeer
 
-    peer = AvatarPeer(url, mic if mode == "mic" else None)
+    peer = AvatarPeer(url, mic)
     try:
         await peer.connect()
         await peer.wait_open(30)
@@ -139,15 +124,8 @@ async def one_session(url: str, mode: str, text: str | None, mic: np.ndarray
         # two do not share, so it is kept small to leave the mouth to speech and the instruction
         peer.send({"type": "instruct", "text": "keep your head still"})
         await peer.wait_until(lambda: len(peer.got.video) > 10, 10, "video")
-        if mode == "upload":
-            said = time.perf_counter()
-            await post_speech(f"{peer.session_url}/speech", mic)
-            await peer.wait_until(lambda: any(a > said and np.abs(x).max() > 3000 for a, x in peer.got.audio),
-                                  10, "the avatar's voice")
-            start = min(a for a, x in peer.got.audio if a > said and np.abs(x).max() > 3000)
-        else:
-            await peer.wait_until(lambda: bool(peer.mic.sent_at), 10, "the microphone")
-            start = peer.mic.sent_at[0]
+        await peer.wait_until(lambda: bool(peer.mic.sent_at), 10, "the microphone")
+        start = peer.mic.sent_at[0]
         await asyncio.sleep(max(0.0, start + SENT_AT_S - time.perf_counter()))
         before = peer.messages("stats")[-1]
         if text is not None:
@@ -165,36 +143,34 @@ async def one_session(url: str, mode: str, text: str | None, mic: np.ndarray
     return lift_series(frames), stats
 
 
-async def one_run(url: str, mode: str, text: str, mic: np.ndarray) -> dict[str, Any]:
+async def one_run(url: str, text: str, mic: np.ndarray) -> dict[str, Any]:
     """A session without the instruction, then one with it: same speech, the difference is its effect."""
-    control, _ = await one_session(url, mode, None, mic)
-    instructed, stats = await one_session(url, mode, text, mic)
+    control, _ = await one_session(url, None, mic)
+    instructed, stats = await one_session(url, text, mic)
     step = instruction_effect(instructed, control, SENT_AT_S)
-    return {"mode": mode, "onset_ms": step.start * 1000, "half_ms": step.half * 1000,
+    return {"onset_ms": step.start * 1000, "half_ms": step.half * 1000,
             "ease_ms": step.duration * 1000, "lift_change": step.amount, **stats}
 
 
-async def run(url: str, modes: list[str], runs: int, text: str) -> list[dict[str, Any]]:
+async def run(url: str, runs: int, text: str) -> list[dict[str, Any]]:
     from bench.live import talk_track
 
     mic = talk_track(12.0)
     out = []
-    for mode in modes:
-        for _ in range(runs):
-            out.append(await one_run(url, mode, text, mic))
-            r = out[-1]
-            sys.stdout.write(f"  {mode}: onset {r['onset_ms']:.0f} ms, half-rise {r['half_ms']:.0f} ms, "
-                             f"lift {r['lift_change']:+.4f}; director {r['plan_ms']} ms per window, "
-                             f"{r['forced_keyframes']} keyframes made before the new plan, "
-                             f"{r['held_frames']} frames held\n")
-            sys.stdout.flush()
+    for _ in range(runs):
+        out.append(await one_run(url, text, mic))
+        r = out[-1]
+        sys.stdout.write(f"  onset {r['onset_ms']:.0f} ms, half-rise {r['half_ms']:.0f} ms, "
+                         f"lift {r['lift_change']:+.4f}; director {r['plan_ms']} ms per window, "
+                         f"{r['forced_keyframes']} keyframes made before the new plan, "
+                         f"{r['held_frames']} frames held\n")
+        sys.stdout.flush()
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--mode", nargs="+", default=["mic", "upload"], choices=["mic", "upload"])
     ap.add_argument("--text", default="be cheerful")
     ap.add_argument("--json")
     ap.add_argument("--server-arg", action="append", default=[],
@@ -205,18 +181,16 @@ def main(argv: list[str] | None = None) -> int:
 
     restrict_host_candidates(["127.0.0.1"])
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(Path(tmp), *args.server_arg) as srv:
-        results = asyncio.run(run(srv.url, args.mode, args.runs, args.text))
-    for mode in args.mode:
-        runs = [r for r in results if r["mode"] == mode]
-        shown = [r for r in runs if r["lift_change"] > 0.002]  # the smile is there
-        if not shown:
-            sys.stdout.write(f"{mode}: no change measured in {len(runs)} runs\n")
-            continue
+        results = asyncio.run(run(srv.url, args.runs, args.text))
+    shown = [r for r in results if r["lift_change"] > 0.002]  # the smile is there
+    if shown:
         on, half = [r["onset_ms"] for r in shown], [r["half_ms"] for r in shown]
         sys.stdout.write(
-            f"{mode}: '{args.text}' shows {statistics.median(on):.0f} ms after the message (median; "
+            f"'{args.text}' shows {statistics.median(on):.0f} ms after the message (median; "
             f"worst {max(on):.0f} ms), half-rise {statistics.median(half):.0f} ms "
-            f"(worst {max(half):.0f} ms); {len(shown)} of {len(runs)} runs\n")
+            f"(worst {max(half):.0f} ms); {len(shown)} of {len(results)} runs\n")
+    else:
+        sys.stdout.write(f"no change measured in {len(results)} runs\n")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
