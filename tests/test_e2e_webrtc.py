@@ -196,7 +196,7 @@ async def test_sessions_are_listed_and_deleted(server: RunningServer) -> None:
             async with http.delete(peer.session_url) as res:
                 assert res.status == 204
             async with http.get(peer.session_url) as res:
-                assert res.status == 404
+                assert res.status == 410 and "ended" in (await res.json())["error"]  # gone, and why
     finally:
         await peer.close(delete=False)
 
