@@ -97,6 +97,7 @@ class RollingPlanner:
         # known speech, where it plays and who says it: (start, end, text, character)
         self._texts: list[tuple[float, float, str, int]] = []
         self._instructed_at: float | None = None  # the pts an instruction applies from, until planned
+        self._mic_character = 0  # whom live audio comes from (MicRouted)
 
     # --- reading the plan (stats) --------------------------------------------------
     def current_shot(self, t: float, character: int = 0) -> Shot | None:
@@ -123,6 +124,7 @@ class RollingPlanner:
             self._texts = [(a, min(b, t), tx, c) for a, b, tx, c in self._texts if a < t]
             self._restart(t)
         elif isinstance(event, MicRouted):
+            self._mic_character = event.character
             self._restart(event.from_pts)  # planned ahead of live audio: the speaker changed
 
     def _restart(self, from_pts: float) -> None:
@@ -134,7 +136,12 @@ class RollingPlanner:
 
     # --- planning ------------------------------------------------------------------
     def _speech(self, start: float, end: float, character: int, known: bool) -> CharacterSpeech:
-        """What ``character`` says in ``[start, end)``, as far as it is known."""
+        """What ``character`` says in ``[start, end)``, as far as it is known.
+
+        Only the microphone's character can still get audio live: every other
+        character's audio (its Say text, or silence) is known ahead.
+        """
+        known = known or character != self._mic_character
         utterances = [(a, b, tx) for a, b, tx, c in self._texts
                       if c == character and a < end and b > start]
         text = " ".join(tx for _, _, tx in utterances) or None
