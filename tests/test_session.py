@@ -273,7 +273,8 @@ async def test_an_hour_of_streaming_holds_memory_flat(portrait: tuple[PortraitEn
             if minute in (10, 59):
                 gc.collect()
                 tl, pl, sc = session.timeline, session.planner, session.scheduler
-                sizes[minute] = (len(tl._tts), len(tl._phonemes), len(pl.storyline.windows),
+                voice = tl._voices[0]
+                sizes[minute] = (len(voice.tts), len(voice.phonemes), len(pl.storyline.windows),
                                  len(pl._texts), len(sc.storyline.windows), len(sc.keyframes),
                                  session.playout.buffered(), len(session.tasks), len(gc.get_objects()),
                                  _rss_mb())
