@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 AUDIO_CONTEXT_S = 0.3  # audio before a sub-clip that engines may look at
 KEYFRAME_RETRY_S = 0.5  # after a failed keyframe batch
 STORYLINE_HISTORY_S = 10.0  # planned windows kept behind the clock
+EASE_CONTEXT_S = 2.0  # shots this far before a keyframe reach the engine (the longest Shot.ease_s)
 
 
 @dataclass(slots=True)
@@ -275,7 +276,8 @@ class CascadeScheduler:
     async def _make_keyframes(self, boundaries: list[int], until: int) -> None:
         times = [b * self.clip_s for b in boundaries]
         if times:
-            shots = self.storyline.shots_between(times[0], times[-1] + self.clip_s) or [
+            # with the shots before them: engines ease from the shot before into a new one
+            shots = self.storyline.shots_between(times[0] - EASE_CONTEXT_S, times[-1] + self.clip_s) or [
                 default_shot(times[0], times[-1] + self.clip_s)]
             loop = asyncio.get_running_loop()
             try:
