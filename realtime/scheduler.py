@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import Engine, Keyframe
+from engines.base import AudioSlice, Engine, Keyframe
 from engines.storyline import Shot, Storyline, default_shot
 from realtime.clock import Clock
 from realtime.events import (
@@ -313,9 +313,9 @@ class CascadeScheduler:
         return out
 
     def _render_blocking(self, first: Keyframe, last: Keyframe, shots: list[Shot],
-                         audio: Any) -> tuple[list[np.ndarray], float]:
+                         audios: list[AudioSlice]) -> tuple[list[np.ndarray], float]:
         t = time.perf_counter()
-        frames = self.engine.subclip(self.prepared, first, last, [audio] * len(shots), shots)
+        frames = self.engine.subclip(self.prepared, first, last, audios, shots)
         frames = self.engine.upscale(frames)
         return frames, (time.perf_counter() - t) * 1000
 
@@ -324,11 +324,13 @@ class CascadeScheduler:
         t0, t1 = i * self.clip_s, (i + 1) * self.clip_s
         first, last = self.keyframes[i], self.keyframes[i + 1]
         shots = self._shots_at(t0, t1)
-        audio = self.timeline.slice(t0 - AUDIO_CONTEXT_S, t1)
+        # each character's own voice (the timeline may hold fewer: the rest are silent)
+        audios = [self.timeline.slice(t0 - AUDIO_CONTEXT_S, t1, c)
+                  for c in range(min(len(shots), self.timeline.characters))]
         loop = asyncio.get_running_loop()
         try:
             frames, ms = await loop.run_in_executor(
-                self.executor, self._render_blocking, first, last, shots, audio)
+                self.executor, self._render_blocking, first, last, shots, audios)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -193,7 +193,7 @@ async def test_an_interrupt_during_a_replan_keeps_both(sim: Sim) -> None:
     planner = sim.session.planner
     assert planner.stale >= 1  # the plan that was under way when the interrupt came is dropped
     assert planner.instructions == ["be cheerful"]
-    assert not any(b > cut + 1e-6 for _, b, _ in planner._texts)  # no words after the cut
+    assert not any(b > cut + 1e-6 for _, b, _, _ in planner._texts)  # no words after the cut
     assert not sim.session.timeline.speaking_tts(cut + 0.1)
     silent = sim.session.timeline.read_out(cut + 0.05, 48_000)
     assert np.abs(silent).max() == 0, "no voice after the interrupt"
@@ -214,10 +214,10 @@ async def test_say_during_an_upload_replaces_it(sim: Sim) -> None:
     await sim.advance(0.5)
     timeline = sim.session.timeline
     said = speech("Hello there.")
-    queued = timeline.tts_until - timeline._tts[0][0]
+    queued = timeline.tts_until - timeline.tts_spans()[0][0]
     assert abs(queued - len(said) / AUDIO_RATE) < 0.1, "only the Say text was queued"
     assert sim.session.speech.utterances == 1
-    texts = [tx for _, _, tx in sim.session.planner._texts]
+    texts = [tx for _, _, tx, _ in sim.session.planner._texts]
     assert texts == ["Hello there."]
 
 
@@ -297,7 +297,8 @@ async def test_an_hour_of_streaming_holds_memory_flat(portrait: tuple[PortraitEn
             if minute in (10, 59):
                 gc.collect()
                 tl, pl, sc = session.timeline, session.planner, session.scheduler
-                sizes[minute] = (len(tl._tts), len(tl._phonemes), len(pl.storyline.windows),
+                voice = tl._voices[0]
+                sizes[minute] = (len(voice.tts), len(voice.phonemes), len(pl.storyline.windows),
                                  len(pl._texts), len(sc.storyline.windows), len(sc.keyframes),
                                  session.playout.buffered(), len(session.tasks), len(gc.get_objects()),
                                  _rss_mb())
