@@ -1,16 +1,21 @@
-"""The media boundary: outgoing video and voice as aiortc ``MediaStreamTrack``s.
+"""The media boundary: the session's video and voice leaving, as aiortc ``MediaStreamTrack``s.
 
-Both tracks stamp pts from the session clock and release each frame at
-``pts + delay`` (the playout delay), so lips and sound leave together. They
-never wait for a producer: video holds the last frame, audio reads silence.
+Video leaves playout once per session (``VideoOut``), is encoded once per
+codec, and fans out to every output; the voice is read off the timeline.
+Both stamp pts from the session clock and release each frame at ``pts +
+delay`` (the playout delay), so lips and sound leave together. They never
+wait for a producer: video holds the last frame, audio reads silence.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fractions
 import logging
 from collections import deque
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import av
 import cv2
@@ -18,12 +23,12 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from realtime.clock import Clock
+from realtime.encoding import CODECS, VIDEO_CLOCK, VideoEncoder
 from realtime.playout import Playout
 from realtime.timeline import OUT_RATE, AudioTimeline
 
 log = logging.getLogger(__name__)
 
-VIDEO_CLOCK = 90_000
 AUDIO_PTIME = 0.02
 AUDIO_SAMPLES = round(OUT_RATE * AUDIO_PTIME)
 CATCH_UP_S = 0.2  # if the consumer is this far behind, skip to the present
@@ -47,47 +52,201 @@ class VideoTrackStats:
         return float(np.percentile(self.latency_ms, q)) if self.latency_ms else None
 
 
-class AvatarVideoTrack(MediaStreamTrack):
-    kind = "video"
+@dataclass(slots=True, frozen=True)
+class OutFrame:
+    """Frame ``index`` of the session's video (pts ``index / fps``), as one output takes it."""
 
-    def __init__(self, playout: Playout, clock: Clock, timeline: AudioTimeline,
-                 idle: np.ndarray, banner: str | None = None) -> None:
-        super().__init__()
+    index: int
+    rgb: np.ndarray | None  # for raw outputs
+    packets: tuple[av.Packet, ...] = ()  # for encoded outputs
+
+
+class Subscription:
+    """What one output receives: ``kind`` is ``"rgb"`` or a codec; a bounded queue, oldest dropped."""
+
+    def __init__(self, kind: str, maxsize: int) -> None:
+        self.kind = kind
+        self.queue: asyncio.Queue[OutFrame | None] = asyncio.Queue(maxsize)
+        self.dropped = 0
+
+    def put(self, item: OutFrame | None) -> bool:
+        """Queue ``item``; False if the output had fallen behind and its oldest frame went."""
+        dropped = False
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.dropped += 1
+            dropped = True
+        self.queue.put_nowait(item)
+        return not dropped
+
+    async def get(self) -> OutFrame | None:
+        return await self.queue.get()
+
+
+class VideoOut:
+    """The session's video leaving playout: one frame per slot at ``pts + delay``, encoded once.
+
+    A task takes frame ``k`` from playout when it is due (``k / fps + delay``; the
+    previous frame is held when a render is late, and a stall skips ahead to the
+    present rather than sending a backlog), encodes it once for each codec some
+    output wants (in ``executor``), and hands it to every subscribed output.
+    Outputs never slow it down: one that falls behind loses its oldest frame and
+    gets a keyframe next.
+    """
+
+    def __init__(self, playout: Playout, clock: Clock, timeline: AudioTimeline, idle: np.ndarray, *,
+                 banner: str | None = None, bitrate: int = 800_000, executor: Executor | None = None,
+                 queue_frames: int = 4) -> None:
         self.playout = playout
         self.clock = clock
         self.timeline = timeline
         self.idle = idle
         self.banner = banner
+        self.bitrate = bitrate
+        self.executor = executor
+        self.queue_frames = queue_frames
         self.stats = VideoTrackStats()
+        self._subs: list[Subscription] = []
+        self._encoders: dict[str, VideoEncoder] = {}
+        self._stopped = False
+
+    def subscribe(self, kind: str) -> Subscription:
+        if kind != "rgb" and kind not in CODECS:
+            raise ValueError(f"no video output of kind {kind!r}: rgb or one of {', '.join(CODECS)}")
+        sub = Subscription(kind, self.queue_frames)
+        self._subs.append(sub)
+        if kind in self._encoders:
+            self._encoders[kind].request_keyframe()  # a new viewer starts from a keyframe
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+        sub.put(None)
+
+    def request_keyframe(self, codec: str) -> None:
+        if codec in self._encoders:
+            self._encoders[codec].request_keyframe()
+
+    def _encoder(self, codec: str, frame: np.ndarray) -> VideoEncoder:
+        enc = self._encoders.get(codec)
+        if enc is None:
+            h, w = frame.shape[:2]
+            enc = self._encoders[codec] = VideoEncoder(codec, w, h, self.playout.fps, bitrate=self.bitrate)
+        return enc
+
+    def _encode(self, frame: np.ndarray, index: int, codecs: list[str]) -> dict[str, tuple[av.Packet, ...]]:
+        return {c: tuple(self._encoder(c, frame).encode(frame, index)) for c in codecs}
+
+    async def run(self) -> None:
+        p = self.playout
+        loop = asyncio.get_running_loop()
+        idx = p.next_index
+        try:
+            while not self._stopped:
+                now = self.clock.now()
+                if now > p.due_time(idx) + CATCH_UP_S:
+                    caught_up = max(idx, int((now - p.delay_s) * p.fps))
+                    self.stats.skipped += caught_up - idx
+                    idx = caught_up
+                await self.clock.sleep_until(p.due_time(idx))
+                frame, _ = p.take(idx, self.idle)
+                sent = self.clock.now()
+                st = self.stats
+                st.sent += 1
+                st.sent_at.append(sent)
+                st.send_lag_ms.append((sent - p.due_time(idx)) * 1000)
+                arrived = self.timeline.arrival_of(idx / p.fps)
+                if arrived is not None:
+                    st.latency_ms.append((sent - arrived) * 1000)
+                if self.banner:
+                    frame = frame.copy()
+                    cv2.putText(frame, self.banner, (8, frame.shape[0] - 12), cv2.FONT_HERSHEY_SIMPLEX,
+                                0.5, (255, 40, 40), 1, cv2.LINE_AA)
+                codecs = sorted({s.kind for s in self._subs if s.kind != "rgb"})
+                packets = await loop.run_in_executor(self.executor, self._encode, frame, idx, codecs) \
+                    if codecs else {}
+                for sub in list(self._subs):
+                    out = OutFrame(idx, frame if sub.kind == "rgb" else None, packets.get(sub.kind, ()))
+                    if not sub.put(out) and sub.kind != "rgb":
+                        self._encoders[sub.kind].request_keyframe()  # its decoder lost a frame
+                idx += 1
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self._stopped = True
+        for sub in list(self._subs):
+            self.unsubscribe(sub)
+
+
+class EncodedVideoTrack(MediaStreamTrack):
+    """A WebRTC peer's video: the session's packets of one codec (aiortc only packetizes them)."""
+
+    kind = "video"
+
+    def __init__(self, out: VideoOut) -> None:
+        super().__init__()
+        self.out = out
+        self.codec: str | None = None  # the negotiated codec, known once the answer is made
+        self.sub: Subscription | None = None
+        self.sender: Any = None  # set by signalling: keyframes the receiver asks for
+        self._pending: list[av.Packet] = []
+
+    def use_codec(self, codec: str) -> None:
+        if codec not in CODECS:
+            raise ValueError(f"cannot send video as {codec} (this server encodes {', '.join(CODECS)})")
+        self.codec = codec
+
+    async def recv(self) -> av.Packet:
+        while not self._pending:
+            if self.readyState != "live" or self.codec is None:
+                raise MediaStreamError
+            if self.sub is None:
+                self.sub = self.out.subscribe(self.codec)
+            # aiortc notes a receiver's picture-loss request on its sender; with packets it
+            # is ours to act on (a private flag: read defensively)
+            if self.sender is not None and getattr(self.sender, "_RTCRtpSender__force_keyframe", False):
+                self.sender._RTCRtpSender__force_keyframe = False
+                self.out.request_keyframe(self.codec)
+            item = await self.sub.get()
+            if item is None:
+                self.stop()
+                raise MediaStreamError
+            self._pending = list(item.packets)
+        return self._pending.pop(0)
+
+    def stop(self) -> None:
+        if self.sub is not None:
+            self.out.unsubscribe(self.sub)
+        super().stop()
+
+
+class RawVideoTrack(MediaStreamTrack):
+    """The session's video as RGB frames (what tests and file renders read)."""
+
+    kind = "video"
+
+    def __init__(self, out: VideoOut) -> None:
+        super().__init__()
+        self.out = out
+        self.sub = out.subscribe("rgb")
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        p = self.playout
-        idx = p.next_index
-        now = self.clock.now()
-        if now > p.due_time(idx) + CATCH_UP_S:
-            caught_up = max(idx, int((now - p.delay_s) * p.fps))
-            self.stats.skipped += caught_up - idx
-            idx = caught_up
-        await self.clock.sleep_until(p.due_time(idx))
-        frame, _ = p.take(idx, self.idle)
-        sent = self.clock.now()
-        st = self.stats
-        st.sent += 1
-        st.sent_at.append(sent)
-        st.send_lag_ms.append((sent - p.due_time(idx)) * 1000)
-        arrived = self.timeline.arrival_of(idx / p.fps)
-        if arrived is not None:
-            st.latency_ms.append((sent - arrived) * 1000)
-        if self.banner:
-            frame = frame.copy()
-            cv2.putText(frame, self.banner, (8, frame.shape[0] - 12), cv2.FONT_HERSHEY_SIMPLEX,
-                        0.5, (255, 40, 40), 1, cv2.LINE_AA)
-        vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
-        vf.pts = round(idx * VIDEO_CLOCK / p.fps)
+        item = await self.sub.get()
+        if item is None or item.rgb is None:
+            self.stop()
+            raise MediaStreamError
+        vf = av.VideoFrame.from_ndarray(item.rgb, format="rgb24")
+        vf.pts = round(item.index * VIDEO_CLOCK / self.out.playout.fps)
         vf.time_base = fractions.Fraction(1, VIDEO_CLOCK)
         return vf
+
+    def stop(self) -> None:
+        self.out.unsubscribe(self.sub)
+        super().stop()
 
 
 class AvatarAudioTrack(MediaStreamTrack):

@@ -32,6 +32,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--subclip-frames", type=int, default=1,
                    help="frames per sub-clip: the latency knob (audio waited for before a render)")
     p.add_argument("--workers", type=int, default=1, help="parallel sub-clips per session")
+    p.add_argument("--video-codecs", default="H264,VP8", metavar="LIST",
+                   help="video codecs to send, preferred first, from what the peer offers (H264, VP8)")
     p.add_argument("--session-workers", type=int, default=0, metavar="N",
                    help="session worker processes (default: one per core; one for GPU engines)")
     p.add_argument("--render-threads", type=int, default=max(1, (os.cpu_count() or 2)))
@@ -92,7 +94,7 @@ def serve(args: argparse.Namespace) -> int:
         ice_servers=args.ice_server, consent_interval_s=args.consent_interval,
         consent_failures=args.consent_failures, delay_ms=args.delay_ms,
         subclip_frames=args.subclip_frames, workers=args.workers, render_threads=args.render_threads,
-        cpu_threads=args.cpu_threads,
+        cpu_threads=args.cpu_threads, video_codecs=[c.strip().upper() for c in args.video_codecs.split(",")],
         director_timeout_s=args.llm_timeout + 2.0 if args.director == "llm" else 1.5,
     )
     config = ServerConfig(

@@ -48,7 +48,7 @@ class HostConfig(BaseModel):
     render_threads: int = Field(2, ge=1)
     cpu_threads: int = Field(1, ge=1)
     director_timeout_s: float = Field(1.5, gt=0)
-    video_codec: str = "VP8"
+    video_codecs: list[str] = Field(default_factory=lambda: ["H264", "VP8"])  # preferred first
 
 
 class SessionHost:
@@ -131,7 +131,7 @@ class SessionHost:
         prepared, image, idle = await self.prepared(avatar_id)
         c = self.config
         settings = SessionSettings(
-            delay_s=c.delay_ms / 1000, video_codec=c.video_codec,
+            delay_s=c.delay_ms / 1000, video_codecs=tuple(c.video_codecs),
             scheduler=SchedulerConfig(subclip_frames=c.subclip_frames, workers=c.workers),
             director_timeout_s=c.director_timeout_s,
         )
@@ -140,7 +140,7 @@ class SessionHost:
                           executor=self.executor, settings=settings, on_closed=self._forget)
         self.sessions[session.id] = session
         try:
-            answer = await session.connect(WebRTCPeer(session, self.rtc_configuration(), c.video_codec),
+            answer = await session.connect(WebRTCPeer(session, self.rtc_configuration(), c.video_codecs),
                                            offer_sdp)
         except Exception:
             await session.close()

@@ -33,7 +33,7 @@ from realtime.scheduler import CascadeScheduler, SchedulerConfig
 from realtime.speech import SpeechInput
 from realtime.tasks import TaskOwner
 from realtime.timeline import AudioTimeline
-from realtime.tracks import AvatarAudioTrack, AvatarVideoTrack
+from realtime.tracks import AvatarAudioTrack, VideoOut
 from server.control import SessionControl
 from server.messages import OutMessage, Stats
 from server.signalling import WebRTCPeer
@@ -49,7 +49,7 @@ TIMELINE_HISTORY_S = 10.0  # speech bookkeeping kept behind the pts playing
 class SessionSettings:
     delay_s: float = 0.13
     scheduler: SchedulerConfig | None = None
-    video_codec: str = "VP8"
+    video_codecs: tuple[str, ...] = ("H264", "VP8")  # in order of preference, as offered
     window_s: float = 2.0
     director_timeout_s: float = 1.5
 
@@ -89,8 +89,8 @@ class Session:
                                       timeline=self.timeline, planner=self.planner.inbox,
                                       scheduler=self.scheduler.inbox, ingest=self.ingest.inbox,
                                       send=self.send, characters=self.characters, session_id=self.id)
-        self.video = AvatarVideoTrack(self.playout, self.clock, self.timeline, idle_frame,
-                                      banner=engine.banner())
+        self.video_out = VideoOut(self.playout, self.clock, self.timeline, idle_frame,
+                                  banner=engine.banner(), executor=executor)
         self.audio = AvatarAudioTrack(self.timeline, self.clock, settings.delay_s)
         self.peer: WebRTCPeer | None = None
         self._listeners: list[Callable[[OutMessage], None]] = []
@@ -106,6 +106,7 @@ class Session:
             return
         self._started = True
         self.tasks.spawn(self.scheduler.run(), "scheduler")
+        self.tasks.spawn(self.video_out.run(), "video out")
         self.tasks.spawn(self.planner.run(), "planner")
         self.tasks.spawn(self._housekeeping(), "housekeeping")
 
@@ -138,7 +139,7 @@ class Session:
     # --- stats -----------------------------------------------------------------------
     def stats(self) -> Stats:
         now = self.clock.now()
-        vs, ps, sched = self.video.stats, self.playout.stats, self.scheduler
+        vs, ps, sched = self.video_out.stats, self.playout.stats, self.scheduler
         v_lag = _median(vs.send_lag_ms) or 0.0
         a_lag = _median(self.audio.send_lag_ms) or 0.0
         p95, p50 = vs.latency_percentile_ms(95), vs.latency_percentile_ms(50)
@@ -188,7 +189,7 @@ class Session:
             await self.planner.director.aclose()
         except Exception:  # a director that cannot close cleanly must not keep the session
             log.exception("[%s] director close failed", self.id)
-        self.video.stop()
+        self.video_out.stop()
         self.audio.stop()
         if self.peer is not None:
             await self.peer.close()

@@ -9,10 +9,14 @@ control messages to its control, and the session's outgoing tracks are sent.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.rtcrtpsender import RTCRtpSender
+from aiortc.sdp import SessionDescription
+
+from realtime.tracks import EncodedVideoTrack
 
 if TYPE_CHECKING:
     from server.session import Session
@@ -35,21 +39,32 @@ def check_offer(sdp: str) -> None:
         raise OfferError("the offer has no audio section (add a sendrecv audio transceiver)")
 
 
-def prefer_codec(transceiver: RTCRtpTransceiver, name: str) -> None:
+def prefer_codecs(transceiver: RTCRtpTransceiver, names: Sequence[str]) -> None:
+    """Offer-answer picks the first of ``names`` the offer has (rtx kept for retransmissions)."""
     caps = RTCRtpSender.getCapabilities("video")
-    preferred = [c for c in caps.codecs if c.mimeType.lower() == f"video/{name.lower()}"]
-    rest = [c for c in caps.codecs if c not in preferred]
+    preferred = [c for name in names for c in caps.codecs if c.mimeType.lower() == f"video/{name.lower()}"]
     if preferred:
-        transceiver.setCodecPreferences(preferred + [c for c in rest if c.mimeType.endswith("rtx")])
+        transceiver.setCodecPreferences(preferred + [c for c in caps.codecs if c.mimeType.endswith("rtx")])
+
+
+def answered_video_codec(answer_sdp: str) -> str:
+    """The codec an answer sends video with: the first of its video section."""
+    desc = SessionDescription.parse(answer_sdp)
+    for media in desc.media:
+        if media.kind == "video" and media.rtp.codecs:
+            return str(media.rtp.codecs[0].mimeType.split("/", 1)[1]).upper()
+    raise OfferError("the answer has no video codec in common with the offer (send VP8 or H.264)")
 
 
 class WebRTCPeer:
     """The session's peer connection."""
 
-    def __init__(self, session: Session, config: RTCConfiguration, video_codec: str = "VP8") -> None:
+    def __init__(self, session: Session, config: RTCConfiguration,
+                 video_codecs: Sequence[str] = ("H264", "VP8")) -> None:
         self.session = session
-        self.video_codec = video_codec
+        self.video_codecs = tuple(video_codecs)
         self.pc = RTCPeerConnection(configuration=config)
+        self.video: EncodedVideoTrack | None = None
         self.channel: Any = None
 
     def send(self, text: str) -> None:
@@ -87,7 +102,8 @@ class WebRTCPeer:
         try:
             # codec choice only takes effect if set before the remote offer is applied
             video_tr = pc.addTransceiver("video", direction="sendonly")
-            prefer_codec(video_tr, self.video_codec)
+            prefer_codecs(video_tr, self.video_codecs)
+            self.video = EncodedVideoTrack(session.video_out)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             audio_set = False
             for tr in pc.getTransceivers():
@@ -98,15 +114,24 @@ class WebRTCPeer:
             video_set = False
             for tr in pc.getTransceivers():
                 if tr.kind == "video" and tr.mid is not None and not video_set:
-                    tr.sender.replaceTrack(session.video)
+                    tr.sender.replaceTrack(self.video)
                     tr.direction = "sendonly"
+                    self.video.sender = tr.sender
                     video_set = True
             if not video_set:
-                video_tr.sender.replaceTrack(session.video)
+                video_tr.sender.replaceTrack(self.video)
+                self.video.sender = video_tr.sender
             await pc.setLocalDescription(await pc.createAnswer())
+            answer = str(pc.localDescription.sdp)
+            # the session encodes once in the codec this peer's answer sends
+            self.video.use_codec(answered_video_codec(answer))
+        except OfferError:
+            raise
         except Exception as exc:  # aiortc raises many types on bad SDP
             raise OfferError(f"cannot answer the offer: {type(exc).__name__}: {exc}") from exc
-        return str(pc.localDescription.sdp)
+        return answer
 
     async def close(self) -> None:
+        if self.video is not None:
+            self.video.stop()
         await self.pc.close()

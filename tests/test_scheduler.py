@@ -17,7 +17,7 @@ from realtime.events import AudioArrived, Interrupted, PlanChanged, SpeechQueued
 from realtime.playout import Playout
 from realtime.scheduler import CascadeScheduler, SchedulerConfig
 from realtime.timeline import AudioTimeline
-from realtime.tracks import AvatarAudioTrack, AvatarVideoTrack
+from realtime.tracks import AvatarAudioTrack, RawVideoTrack, VideoOut
 
 
 class ManualExecutor(Executor):
@@ -327,9 +327,11 @@ async def test_an_interrupt_redoes_frames_after_its_cut() -> None:
 async def test_a_slow_worker_degrades_playout_without_av_drift() -> None:
     sched, clock, ex, timeline, playout = make(workers=1, delay=0.12)
     idle = np.zeros((8, 8, 3), np.uint8)
-    video = AvatarVideoTrack(playout, clock, timeline, idle)
+    out = VideoOut(playout, clock, timeline, idle)
+    video = RawVideoTrack(out)
     audio = AvatarAudioTrack(timeline, clock, 0.12)
     task = asyncio.ensure_future(sched.run())
+    pacer = asyncio.ensure_future(out.run())
     sent_v: list[tuple[float, float]] = []
     sent_a: list[tuple[float, float]] = []
 
@@ -356,9 +358,9 @@ async def test_a_slow_worker_degrades_playout_without_av_drift() -> None:
         assert all(abs(t - pts - 0.12) < 1e-9 for t, pts in sent_a)
         assert len(sent_v) >= 45
     finally:
-        for t in [task, *pullers]:
+        for t in [task, pacer, *pullers]:
             t.cancel()
-        await asyncio.gather(task, *pullers, return_exceptions=True)
+        await asyncio.gather(task, pacer, *pullers, return_exceptions=True)
 
 
 def test_playout_holds_and_counts_late_frames() -> None:

@@ -27,6 +27,7 @@ from engines.portrait import PortraitEngine
 from engines.storyline import GazeTarget
 from realtime.clock import FakeClock
 from realtime.scheduler import SchedulerConfig
+from realtime.tracks import RawVideoTrack
 from realtime.vad import VoiceActivity
 from server.messages import Ack, Error, OutMessage
 from server.session import Session, SessionSettings
@@ -57,8 +58,9 @@ class Sim:
     frames: list[tuple[float, np.ndarray]] = field(default_factory=list)  # pts, RGB
 
     async def pull(self) -> None:
+        video = RawVideoTrack(self.session.video_out)
         while True:
-            vf = await self.session.video.recv()
+            vf = await video.recv()
             self.frames.append((float(vf.pts * vf.time_base), vf.to_ndarray(format="rgb24")))
 
     async def mic(self, audio: np.ndarray, start: float) -> None:
