@@ -1,4 +1,4 @@
-"""Encoding once per session: RGB frames to H.264 or VP8 packets with PyAV, cheaply.
+"""Encoding once per session: RGB frames to H.264 or VP8, the voice to Opus, with PyAV, cheaply.
 
 Every output of a session (its WebRTC peer today; viewers and streams to
 platforms read the same packets) sends what one encoder made, so a frame is
@@ -82,4 +82,35 @@ class VideoEncoder:
             p.pts = round(index * VIDEO_CLOCK / self.fps)
             p.dts = p.pts
             p.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        return packets
+
+
+class OpusEncoder:
+    """The session's voice as Opus packets (mono, 20 ms), encoded where it is read: inline, no thread.
+
+    Encoding 20 ms takes about 0.15 ms, less than handing it to a thread and back.
+    """
+
+    def __init__(self, rate: int = 48_000, *, bitrate: int = 32_000) -> None:
+        ctx = av.CodecContext.create("libopus", "w")
+        ctx.sample_rate = rate
+        ctx.layout = "mono"
+        ctx.format = "s16"
+        ctx.bit_rate = bitrate
+        ctx.options = {"application": "voip", "frame_duration": "20"}
+        ctx.time_base = fractions.Fraction(1, rate)
+        self.rate = rate
+        self._ctx = ctx
+
+    def encode(self, samples: np.ndarray, pts: int) -> list[av.Packet]:
+        """``samples`` (int16, 20 ms) starting at sample ``pts``: packets stamped at ``pts``."""
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, np.int16)[None], format="s16",
+                                           layout="mono")
+        frame.sample_rate = self.rate
+        frame.pts = pts
+        frame.time_base = fractions.Fraction(1, self.rate)
+        packets = list(self._ctx.encode(frame))
+        for p in packets:  # one per frame: the encoder's look-ahead is inside the audio
+            p.pts = pts
+            p.time_base = fractions.Fraction(1, self.rate)
         return packets

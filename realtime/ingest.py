@@ -10,7 +10,6 @@ its pts, split where the route changes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from typing import Any
@@ -107,7 +106,7 @@ class MicIngest:
             self.timeline.write_mic(t0, ana, out, voice, arrived, self.timeline.mic_character)
 
     def decode(self, frame: Any) -> tuple[np.ndarray, np.ndarray, float]:
-        """Blocking: resample one frame and run voice activity (in an executor)."""
+        """Resample one frame and run voice activity (about 0.1 ms for 20 ms of audio)."""
         ana = np.concatenate([f.to_ndarray().reshape(-1) for f in self._to16.resample(frame)]
                              or [np.zeros(0, np.float32)])
         out = np.concatenate([f.to_ndarray().reshape(-1) for f in self._to48.resample(frame)]
@@ -119,7 +118,6 @@ class MicIngest:
 
     async def run(self, track: Any) -> None:
         """Read the remote audio track until it ends."""
-        loop = asyncio.get_running_loop()
         while True:
             try:
                 frame = await track.recv()
@@ -128,7 +126,8 @@ class MicIngest:
                 return
             arrived = self.clock.now()
             try:
-                ana, out, voice = await loop.run_in_executor(None, self.decode, frame)
+                # inline: resampling 20 ms and a voice-activity step take less than a thread hop
+                ana, out, voice = self.decode(frame)
             except (ValueError, av.error.FFmpegError) as exc:  # garbage in: skip the frame
                 self.bad_frames += 1
                 log.warning("[%s] dropped an undecodable audio frame: %s", self.session_id, exc)

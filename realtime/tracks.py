@@ -23,7 +23,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from realtime.clock import Clock
-from realtime.encoding import CODECS, VIDEO_CLOCK, VideoEncoder
+from realtime.encoding import CODECS, VIDEO_CLOCK, OpusEncoder, VideoEncoder
 from realtime.playout import Playout
 from realtime.timeline import OUT_RATE, AudioTimeline
 
@@ -262,26 +262,26 @@ class AvatarAudioTrack(MediaStreamTrack):
         self.next_index = 0
         self.send_lag_ms: deque[float] = deque(maxlen=250)
         self.level: deque[float] = deque(maxlen=50)  # RMS of recent frames (dBFS)
+        self._opus = OpusEncoder(OUT_RATE)
 
     def due_time(self, index: int) -> float:
         return index * AUDIO_PTIME + self.delay_s
 
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        idx = self.next_index
-        now = self.clock.now()
-        if now > self.due_time(idx) + CATCH_UP_S:
-            idx = max(idx, int((now - self.delay_s) / AUDIO_PTIME))
-        await self.clock.sleep_until(self.due_time(idx))
-        samples = self.timeline.read_out(idx * AUDIO_PTIME, AUDIO_SAMPLES)
-        self.next_index = idx + 1
-        self.send_lag_ms.append((self.clock.now() - self.due_time(idx)) * 1000)
-        rms = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) / 32768 + 1e-9
-        self.level.append(20 * np.log10(rms))
-        frame = av.AudioFrame(format="s16", layout="mono", samples=AUDIO_SAMPLES)
-        frame.planes[0].update(samples.tobytes())
-        frame.sample_rate = OUT_RATE
-        frame.pts = idx * AUDIO_SAMPLES
-        frame.time_base = fractions.Fraction(1, OUT_RATE)
-        return frame
+    async def recv(self) -> av.Packet:
+        """The next 20 ms of the voice, Opus-encoded, when it is due (aiortc only packetizes it)."""
+        while True:
+            if self.readyState != "live":
+                raise MediaStreamError
+            idx = self.next_index
+            now = self.clock.now()
+            if now > self.due_time(idx) + CATCH_UP_S:
+                idx = max(idx, int((now - self.delay_s) / AUDIO_PTIME))
+            await self.clock.sleep_until(self.due_time(idx))
+            samples = self.timeline.read_out(idx * AUDIO_PTIME, AUDIO_SAMPLES)
+            self.next_index = idx + 1
+            self.send_lag_ms.append((self.clock.now() - self.due_time(idx)) * 1000)
+            rms = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) / 32768 + 1e-9
+            self.level.append(20 * np.log10(rms))
+            packets = self._opus.encode(samples, idx * AUDIO_SAMPLES)
+            if packets:
+                return packets[0]

@@ -94,7 +94,10 @@ def serve(args: argparse.Namespace) -> int:
         ice_servers=args.ice_server, consent_interval_s=args.consent_interval,
         consent_failures=args.consent_failures, delay_ms=args.delay_ms,
         subclip_frames=args.subclip_frames, workers=args.workers, render_threads=args.render_threads,
-        cpu_threads=args.cpu_threads, video_codecs=[c.strip().upper() for c in args.video_codecs.split(",")],
+        cpu_threads=args.cpu_threads,
+        # live transcripts for the director share a quarter of one core, whatever the worker count
+        live_transcription_duty=0.25 / workers,
+        video_codecs=[c.strip().upper() for c in args.video_codecs.split(",")],
         director_timeout_s=args.llm_timeout + 2.0 if args.director == "llm" else 1.5,
     )
     config = ServerConfig(

@@ -48,6 +48,7 @@ class HostConfig(BaseModel):
     render_threads: int = Field(2, ge=1)
     cpu_threads: int = Field(1, ge=1)
     director_timeout_s: float = Field(1.5, gt=0)
+    live_transcription_duty: float = Field(0.25, gt=0, le=1)  # share of a core for this process
     video_codecs: list[str] = Field(default_factory=lambda: ["H264", "VP8"])  # preferred first
 
 

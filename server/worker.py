@@ -199,6 +199,10 @@ def configure_process(config: HostConfig) -> None:
     cv2.setNumThreads(1)  # one core per render; parallelism comes from the worker pool
     # small models, one request at a time: more threads only contend with the renderers
     torch.set_num_threads(config.cpu_threads)
+    if config.director == "embedded":
+        from engines.director.embedded import TRANSCRIPTION_BUDGET
+
+        TRANSCRIPTION_BUDGET.get().duty = config.live_transcription_duty
     restrict_host_candidates(config.ice_hosts)
     set_consent_timers(config.consent_interval_s, config.consent_failures)
 

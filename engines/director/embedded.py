@@ -74,7 +74,7 @@ class Exchange:
     limits: list[str]
 
 
-LIVE_DUTY = 0.25  # live transcription may use at most this share of one core, all sessions together
+LIVE_DUTY = 0.25  # live transcription may use at most this share of one core, all sessions of a process
 
 
 class _TranscriptionBudget:
@@ -86,6 +86,9 @@ class _TranscriptionBudget:
     def __init__(self) -> None:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="transcribe")
         self.next_start = 0.0  # only the pool's one thread reads and writes it
+        # the process owner may lower it (a server with several session processes shares one
+        # machine-wide budget among them)
+        self.duty = LIVE_DUTY
 
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         def run() -> T:
@@ -94,7 +97,7 @@ class _TranscriptionBudget:
             try:
                 return fn()
             finally:
-                self.next_start = t0 + (time.monotonic() - t0) / LIVE_DUTY
+                self.next_start = t0 + (time.monotonic() - t0) / self.duty
 
         return self.pool.submit(run)
 
