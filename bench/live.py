@@ -120,6 +120,9 @@ def run(url: str, sessions: int, seconds: float, audio_path: str) -> dict[str, A
         results.append(json.loads(line[5:]))
         p.wait()
     assert cpu1 is not None and t1 is not None
+    broken = [r["server"] for r in results if "held_frames" not in r["server"]]
+    if broken:
+        raise RuntimeError(f"sessions without stats at the end: {broken}")
     server_stats = [r["server"] for r in results]
     late = [s["held_frames"] / max(s["frames_sent"], 1) * 100 for s in server_stats]
     return {
