@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import pathlib
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -57,7 +58,8 @@ import numpy as np
 import torch
 
 from engines.base import AUDIO_RATE, AudioSlice, Avatar, Engine, Keyframe
-from engines.dit.flashhead.pipeline import FlashHead, Reference, video_to_frames
+from engines.dit.flashhead.loading import FLASHHEAD_REPO, WAV2VEC_REPO
+from engines.dit.flashhead.pipeline import ChunkSettings, FlashHead, Reference, video_to_frames
 from engines.portrait import IDX, N_BLUEPRINT, PortraitEngine, PreparedPortrait, blueprint_controls
 from engines.portrait.motion import _gesture_offsets, character_seed, shots_of
 from engines.storyline import GazeTarget, Shot, default_shot, shot_face
@@ -106,7 +108,7 @@ class ChunkKeyframe:
 
 def rig_size(width: int, height: int) -> tuple[int, int]:
     """The portrait rig's size for a chunk size: at least RIG_MIN_SIDE, whole 128-pixel cells."""
-    k = max(1, math.ceil(RIG_MIN_SIDE / min(width, height)))
+    k = max(1.0, RIG_MIN_SIDE / min(width, height))
     return 128 * math.ceil(width * k / 128), 128 * math.ceil(height * k / 128)
 
 
@@ -138,13 +140,16 @@ def reference_controls(shots: Sequence[Shot], t: float, seed: int, characters: i
     return out
 
 
+RANDOM_WEIGHTS_BANNER = "RANDOM WEIGHTS - FlashHead throughput test only, not a trained model"
+
+
 class FlashHeadEngine(Engine):
     """SoulX-FlashHead (Pro or Lite) through the engine contract, as a chunk engine."""
 
     name = "flashhead"
     chunked = True
 
-    def __init__(self, model: FlashHead, *, seed: int = 0) -> None:
+    def __init__(self, model: FlashHead, *, seed: int = 0, random_weights: bool = False) -> None:
         s = model.settings
         super().__init__(fps=s.fps, size=(s.width, s.height))
         if s.frames <= model.motion_frames:
@@ -159,6 +164,12 @@ class FlashHeadEngine(Engine):
         self._refs: OrderedDict[bytes, tuple[np.ndarray, Reference]] = OrderedDict()
         self._refs_lock = threading.Lock()
         self._odd_warned = False
+        self.random_weights = random_weights
+        if random_weights:
+            logger.warning("flashhead engine runs with %s", RANDOM_WEIGHTS_BANNER)
+
+    def banner(self) -> str | None:
+        return RANDOM_WEIGHTS_BANNER if self.random_weights else None
 
     def describe(self) -> str:
         cfg = self.model.transformer.config
@@ -293,3 +304,79 @@ class FlashHeadEngine(Engine):
         if whole:
             end_state.carry = Continuation(last.pts, motion, out[-1], history)
         return out
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` -> ``(width, height)``, a ``ValueError`` naming the value otherwise."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT (e.g. 512x512)") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return w, h
+
+
+def build_flashhead_engine(
+    weights: pathlib.Path | None,
+    *,
+    wav2vec: pathlib.Path | None = None,
+    model: str = "pro",
+    random_weights: bool = False,
+    device: str = "cuda",
+    dtype: str = "bf16",
+    backend: str = "auto",
+    trt_engines: pathlib.Path | None = None,
+    size: tuple[int, int] = (512, 512),
+) -> FlashHeadEngine:
+    """The ``flashhead`` engine from the published folders; ``ValueError`` saying what is missing.
+
+    ``size`` (width, height) is the chunk size: 512x512 is what the published
+    model was trained at; smaller sizes are for tiny test checkpoints.
+    """
+    from engines.dit.backend import BACKENDS
+    from engines.dit.config import parse_dtype
+    from engines.dit.flashhead.backend import select_flashhead_backends
+
+    if backend not in BACKENDS:
+        raise ValueError(f"--dit-backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if model not in ("pro", "lite"):
+        raise ValueError(f"--model {model!r} is not one of pro, lite")
+    if weights is not None and random_weights:
+        raise ValueError("pass either --weights DIR or --random-weights, not both")
+    if weights is None and not random_weights:
+        need = "Model_Pro/ and VAE_Wan/Wan2.1_VAE.pth" if model == "pro" else "Model_Lite/ and VAE_LTX/"
+        raise ValueError(
+            f"the flashhead engine needs --weights DIR: the {FLASHHEAD_REPO} folder as published ({need}; "
+            f"https://huggingface.co/{FLASHHEAD_REPO}), and --wav2vec DIR2: the {WAV2VEC_REPO} folder "
+            f"(https://huggingface.co/{WAV2VEC_REPO}); downloaded with your own tools"
+        )
+    if weights is not None and wav2vec is None:
+        raise ValueError(
+            f"the flashhead engine needs --wav2vec DIR: the {WAV2VEC_REPO} folder as published "
+            f"(config.json, preprocessor_config.json, model.safetensors; https://huggingface.co/{WAV2VEC_REPO})"
+        )
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device}: this machine has no CUDA GPU (torch.cuda.is_available() is False). "
+            "FlashHead needs one to stream in real time; --device cpu runs it slowly (tests and tiny "
+            "checkpoints)"
+        )
+    torch_dtype = parse_dtype(dtype)
+    w, h = size
+    grid = 16 if model == "pro" else 32  # VAE stride x patch of the published configs
+    if w % grid or h % grid:
+        raise ValueError(f"size {w}x{h}: FlashHead {model} renders multiples of {grid} pixels (e.g. 512x512)")
+    settings = ChunkSettings(width=w, height=h)
+    if weights is None:
+        fh = FlashHead.random(model, device=device, dtype=torch_dtype, settings=settings)
+    else:
+        assert wav2vec is not None
+        fh = FlashHead.from_pretrained(
+            weights, wav2vec=wav2vec, model=model, device=device, dtype=torch_dtype, settings=settings
+        )
+    engine = FlashHeadEngine(fh, random_weights=random_weights)
+    choices = select_flashhead_backends(fh, backend=backend, engines_dir=trt_engines)
+    engine.use_backends({name: c.backend for name, c in choices.items()})
+    logger.info("%s", engine.describe())
+    return engine

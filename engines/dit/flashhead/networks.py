@@ -41,11 +41,20 @@ WAN_VAE_BASE = 96
 
 
 class VideoVAE(Protocol):
-    z_dim: int
-    temporal_stride: int
-    spatial_stride: int
-    dtype: torch.dtype
-    device: torch.device
+    @property
+    def z_dim(self) -> int: ...
+
+    @property
+    def temporal_stride(self) -> int: ...
+
+    @property
+    def spatial_stride(self) -> int: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
 
     def encode(self, video: torch.Tensor) -> torch.Tensor: ...
 
