@@ -290,10 +290,7 @@ class FlashHeadEngine(Engine):
         for j in range(chunks):
             t0 = start + j * new / fps
             history = np.concatenate([history, audio.window(t0, t0 + new / fps)])[-self.history :]
-            embedding = fh.audio_embedding(history, fps=fps)
-            frames_in = embedding.shape[0]
-            context = fh.audio_context(embedding, frames_in - fh.settings.frames, frames_in)
-            chunk = fh.generate_chunk(end_state.reference, context, motion, generator=gen)
+            chunk = fh.next_chunk(end_state.reference, history, motion, generator=gen)
             video = video_to_frames(chunk.video)
             if head is None:
                 head = video[fh.motion_frames - 1]

@@ -111,7 +111,7 @@ def _on_device(build: Any, *, dtype: torch.dtype, device: torch.device | str, se
     """``build()`` on the meta device, then allocated on ``device`` in ``dtype`` and filled."""
     with torch.device("meta"):
         module = build()
-    module = module.to(dtype=dtype).to_empty(device=device)
+    module = torch.nn.Module.to(module, dtype=dtype).to_empty(device=device)  # (diffusers' .to warns)
     fill_random_(module, seed)
     return module.eval().requires_grad_(False)
 

@@ -232,6 +232,33 @@ class FlashHead:
             )
         return self.vae.encode(motion_frames)
 
+    def next_chunk(
+        self,
+        reference: Reference,
+        history: np.ndarray,
+        motion_frames: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        timer: StageTimer | None = None,
+    ) -> Chunk:
+        """The next chunk of a stream whose audio so far is ``history`` (16 kHz, the newest last).
+
+        As the reference's streaming loop: the whole history (8 s there) is
+        embedded (``audio_encode``) and the windows of its last 33 frames are
+        the chunk's context, so the new frames follow the newest audio.
+        """
+        tm = timer or _untimed
+        with tm("audio_encode"):
+            embedding = self.audio_embedding(history, fps=self.settings.fps)
+            n = embedding.shape[0]
+            if n < self.settings.frames:
+                raise ValueError(
+                    f"{len(history)} samples of audio history make {n} frames; "
+                    f"a chunk needs {self.settings.frames}"
+                )
+            context = self.audio_context(embedding, n - self.settings.frames, n)
+        return self.generate_chunk(reference, context, motion_frames, generator=generator, timer=timer)
+
     @torch.no_grad()
     def generate_chunk(
         self,
