@@ -375,5 +375,10 @@ def build_flashhead_engine(
     engine = FlashHeadEngine(fh, random_weights=random_weights)
     choices = select_flashhead_backends(fh, backend=backend, engines_dir=trt_engines)
     engine.use_backends({name: c.backend for name, c in choices.items()})
-    logger.info("%s", engine.describe())
+    logger.info(
+        "%s; a chunk renders once its %.2f s of audio are in: serve with --subclip-frames %d and a "
+        "--delay-ms of at least %d plus a chunk's render time (bench/flashhead_gpu.py)",
+        engine.describe(), engine.new_frames / engine.fps, engine.new_frames,
+        round(1000 * engine.new_frames / engine.fps),
+    )  # fmt: skip
     return engine
