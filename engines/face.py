@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from engines.shared import SharedModel
+
 log = logging.getLogger(__name__)
 
-_LOCK = threading.Lock()
-_MESH: Any = None
+_LOCK = threading.Lock()  # mediapipe graphs are not re-entrant: one image at a time
 
 
 MAX_DETECT = 8  # faces looked for; a count at this cap means "this many or more"
@@ -67,22 +68,22 @@ class FaceAnalysis:
     boxes: list[FaceBox]  # their boxes, same order
 
 
-def _mesh() -> Any:
-    global _MESH
-    if _MESH is None:
-        import mediapipe as mp
+def _load_mesh() -> Any:
+    import mediapipe as mp
 
-        _MESH = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=True, max_num_faces=MAX_DETECT, refine_landmarks=True,
-            min_detection_confidence=0.5,
-        )
-    return _MESH
+    return mp.solutions.face_mesh.FaceMesh(
+        static_image_mode=True, max_num_faces=MAX_DETECT, refine_landmarks=True,
+        min_detection_confidence=0.5,
+    )
+
+
+MESH = SharedModel("face mesh (mediapipe)", _load_mesh)
 
 
 def _detect(image: np.ndarray) -> list[np.ndarray]:
     h, w = image.shape[:2]
     with _LOCK:
-        result = _mesh().process(np.ascontiguousarray(image))
+        result = MESH.get().process(np.ascontiguousarray(image))
     return [np.array([[p.x * w, p.y * h, p.z * w] for p in face.landmark], dtype=np.float32)
             for face in result.multi_face_landmarks or []]
 

@@ -62,6 +62,7 @@ class GazeTarget(str, Enum):
     camera = "camera"
     away = "away"
     down = "down"
+    speaker = "speaker"  # towards the other character (a listener); the camera if there is none
 
 
 class Framing(str, Enum):

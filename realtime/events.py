@@ -10,6 +10,7 @@ Who sends what::
     ingest ──AudioArrived──▶ scheduler
     speech input (TTS, uploads) ──SpeechQueued──▶ planner, scheduler
     control (the host) ──Instructed / Interrupted──▶ planner; Interrupted ──▶ scheduler
+    control (the host) ──MicRouted──▶ ingest, planner
     planner ──PlanChanged / WindowPlanned──▶ scheduler
 """
 
@@ -37,12 +38,14 @@ class AudioArrived:
 class SpeechQueued:
     """Speech known in full is on the timeline over ``[start, end)``; what was rendered there is stale.
 
-    ``spans`` place its words (Say text, or an upload's transcript segments).
+    ``spans`` place its words (Say text, or an upload's transcript segments);
+    ``character`` is who says it (0 is the leftmost face).
     """
 
     start: float
     end: float
     spans: tuple[tuple[float, float, str], ...] = ()
+    character: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -57,6 +60,14 @@ class Instructed:
 class Interrupted:
     """Speech from ``from_pts`` on was cut off (its audio is silence now)."""
 
+    from_pts: float
+
+
+@dataclass(slots=True, frozen=True)
+class MicRouted:
+    """The host's microphone speaks for ``character`` from ``from_pts`` on."""
+
+    character: int
     from_pts: float
 
 
@@ -80,7 +91,8 @@ class WindowPlanned:
     generation: int
 
 
-PlannerEvent = SpeechQueued | Instructed | Interrupted
+PlannerEvent = SpeechQueued | Instructed | Interrupted | MicRouted
+IngestEvent = MicRouted
 SchedulerEvent = AudioArrived | SpeechQueued | Interrupted | PlanChanged | WindowPlanned
 
 

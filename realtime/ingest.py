@@ -2,7 +2,10 @@
 
 Decodes (aiortc already gives PCM frames), resamples to 16 kHz for analysis
 and 48 kHz mono for the way back, runs voice activity, and places each chunk
-on the session clock by its arrival time (audio is the master clock).
+on the session clock by its arrival time (audio is the master clock). The
+host routes the microphone to one character at a time (``MicRouted`` events
+in the ingest's inbox); each chunk goes to the character it was routed to at
+its pts, split where the route changes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from engines.base import AUDIO_RATE
 from realtime.clock import Clock
-from realtime.events import AudioArrived, Inbox, SchedulerEvent
+from realtime.events import AudioArrived, Inbox, IngestEvent, MicRouted, SchedulerEvent
 from realtime.timeline import OUT_RATE, AudioTimeline
 from realtime.vad import VoiceActivity
 
@@ -42,6 +45,8 @@ class MicIngest:
         self._vad = VoiceActivity()
         self._to16 = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
         self._to48 = av.AudioResampler(format="s16", layout="mono", rate=OUT_RATE)
+        self.inbox: Inbox[IngestEvent] = Inbox()
+        self._routes: list[MicRouted] = []  # route changes not yet reached by placed audio
         self.chunks = 0
         self.bad_frames = 0
         self.lag_ms: deque[float] = deque(maxlen=200)  # arrival minus placed end
@@ -69,17 +74,37 @@ class MicIngest:
 
     def push(self, ana: np.ndarray, out: np.ndarray, voice: float, arrived: float) -> float:
         """Put one decoded chunk on the timeline; returns its start pts."""
+        for event in self.inbox.drain():
+            self._routes.append(event)
+            self._routes.sort(key=lambda r: r.from_pts)
         previous = self._head
         start = self.place(len(ana) / AUDIO_RATE, arrived, voice)
         if previous is not None and start > previous:  # a gap: it must read as silence
             gap = round((start - previous) * AUDIO_RATE)
-            self.timeline.write_mic(previous, np.zeros(gap, np.float32),
-                                    np.zeros(gap * 3, np.int16), 0.0, arrived)
+            self._write(previous, np.zeros(gap, np.float32), np.zeros(gap * 3, np.int16), 0.0,
+                        arrived)
         self.lag_ms.append((arrived - start - len(ana) / AUDIO_RATE) * 1000)
-        self.timeline.write_mic(start, ana, out, voice, arrived)
+        self._write(start, ana, out, voice, arrived)
         self.chunks += 1
         self.out.post(AudioArrived(self.timeline.mic_head))
         return start
+
+    def _write(self, t0: float, ana: np.ndarray, out: np.ndarray, voice: float,
+               arrived: float) -> None:
+        """A stretch of mic audio onto the timeline, each part as the character routed there."""
+        t1 = t0 + len(ana) / AUDIO_RATE
+        while self._routes and self._routes[0].from_pts < t1:
+            route = self._routes.pop(0)
+            cut = min(max(round((route.from_pts - t0) * AUDIO_RATE), 0), len(ana))
+            if cut > 0:
+                self.timeline.write_mic(t0, ana[:cut], out[:cut * 3], voice, arrived,
+                                        self.timeline.mic_character)
+                t0, ana, out = t0 + cut / AUDIO_RATE, ana[cut:], out[cut * 3:]
+            self.timeline.mic_character = route.character
+            log.info("[%s] microphone speaks for character %d from %.2f s", self.session_id,
+                     route.character, route.from_pts)
+        if len(ana):
+            self.timeline.write_mic(t0, ana, out, voice, arrived, self.timeline.mic_character)
 
     def decode(self, frame: Any) -> tuple[np.ndarray, np.ndarray, float]:
         """Blocking: resample one frame and run voice activity (in an executor)."""

@@ -7,8 +7,9 @@ the clock, and publishes each window downstream as a
 in its inbox:
 
 * an instruction (``Instructed``), known speech (``SpeechQueued``: Say text
-  or an upload, planned whole as soon as its audio is known) or an interrupt
-  (``Interrupted``) starts a new **generation**: the planner announces
+  or an upload, planned whole as soon as its audio is known), an interrupt
+  (``Interrupted``) or the microphone routed to another character
+  (``MicRouted``: who speaks live changes) starts a new **generation**: the planner announces
   ``PlanChanged(from_pts, generation)`` at once (so the scheduler drops stale
   work) and re-plans from there;
 * a window whose planning began under an older generation is dropped when it
@@ -16,7 +17,9 @@ in its inbox:
   overwrite one made after it.
 
 The director runs one window at a time per session. If it fails or times
-out, the window gets the default plan and the session goes on.
+out, the window gets the default plan and the session goes on. An avatar
+with two faces gets one request per window with each character's own speech
+(``PlanRequest.cast``), and the director plans shots for each.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from collections import deque
 
 import numpy as np
 
-from engines.director.base import Director, PlanRequest
+from engines.director.base import CharacterSpeech, Director, PlanRequest
 from engines.storyline import Shot, Storyline, Window, default_shot
 from realtime.clock import Clock
 from realtime.events import (
     Inbox,
     Instructed,
     Interrupted,
+    MicRouted,
     PlanChanged,
     PlannerEvent,
     SchedulerEvent,
@@ -90,12 +94,14 @@ class RollingPlanner:
         self.plan_ms: deque[float] = deque(maxlen=50)  # the director's time per window
         self._planned_until = 0.0  # the current generation's plan reaches this pts
         self._replan_until = 0.0  # a re-plan redoes the plan at least up to here
-        self._texts: list[tuple[float, float, str]] = []  # known speech and where it plays
+        # known speech, where it plays and who says it: (start, end, text, character)
+        self._texts: list[tuple[float, float, str, int]] = []
         self._instructed_at: float | None = None  # the pts an instruction applies from, until planned
+        self._mic_character = 0  # whom live audio comes from (MicRouted)
 
     # --- reading the plan (stats) --------------------------------------------------
-    def current_shot(self, t: float) -> Shot | None:
-        return self.storyline.shot_at(t)
+    def current_shot(self, t: float, character: int = 0) -> Shot | None:
+        return self.storyline.shot_at(t, character)
 
     @property
     def planned_until(self) -> float:
@@ -109,14 +115,17 @@ class RollingPlanner:
             self._restart(event.from_pts)
             self._instructed_at = self._planned_until
         elif isinstance(event, SpeechQueued):
-            self._texts += list(event.spans)
+            self._texts += [(a, b, tx, event.character) for a, b, tx in event.spans]
             self._restart(event.start)
             # known speech is planned whole, however far ahead it reaches
             self._replan_until = max(self._replan_until, event.end)
         elif isinstance(event, Interrupted):
             t = event.from_pts
-            self._texts = [(a, min(b, t), tx) for a, b, tx in self._texts if a < t]
+            self._texts = [(a, min(b, t), tx, c) for a, b, tx, c in self._texts if a < t]
             self._restart(t)
+        elif isinstance(event, MicRouted):
+            self._mic_character = event.character
+            self._restart(event.from_pts)  # planned ahead of live audio: the speaker changed
 
     def _restart(self, from_pts: float) -> None:
         """A new generation: the plan from ``from_pts`` on is redone."""
@@ -126,25 +135,39 @@ class RollingPlanner:
         self.out.post(PlanChanged(self._planned_until, self.generation))
 
     # --- planning ------------------------------------------------------------------
-    def _request(self, start: float, end: float) -> PlanRequest:
-        utterances = [(a, b, tx) for a, b, tx in self._texts if a < end and b > start]
+    def _speech(self, start: float, end: float, character: int, known: bool) -> CharacterSpeech:
+        """What ``character`` says in ``[start, end)``, as far as it is known.
+
+        Only the microphone's character can still get audio live: every other
+        character's audio (its Say text, or silence) is known ahead.
+        """
+        known = known or character != self._mic_character
+        utterances = [(a, b, tx) for a, b, tx, c in self._texts
+                      if c == character and a < end and b > start]
         text = " ".join(tx for _, _, tx in utterances) or None
         recent = np.zeros(0, np.float32)
         recent_start = 0.0
-        if self.timeline.known(start, end):
-            audio = self.timeline.slice(start, end).samples
+        if known:
+            audio = self.timeline.slice(start, end, character).samples
         else:
             audio = np.zeros(0, np.float32)
             # planned ahead of live audio: the latest audio that has arrived
             head = min(self.timeline.mic_head, start)
             recent_start = max(0.0, head - RECENT_AUDIO_S)
             if head > recent_start:
-                recent = self.timeline.slice(recent_start, head).samples
+                recent = self.timeline.slice(recent_start, head, character).samples
+        return CharacterSpeech(audio, text, utterances, recent, recent_start)
+
+    def _request(self, start: float, end: float) -> PlanRequest:
+        known = self.timeline.known(start, end)
+        cast = [self._speech(start, end, c, known) for c in range(self.timeline.characters)]
+        own = cast[0]
         return PlanRequest(
-            session_id=self.session_id, start=start, end=end, audio=audio, text=text,
-            utterances=utterances, recent_audio=recent, recent_start=recent_start,
+            session_id=self.session_id, start=start, end=end, audio=own.audio, text=own.text,
+            utterances=own.utterances, recent_audio=own.recent_audio, recent_start=own.recent_start,
             instructions=list(self.instructions), history=self.storyline.windows[-4:],
             avatar_image=self.avatar_image, avatar_id=self.avatar_id,
+            characters=len(cast), cast=cast if len(cast) > 1 else [],
         )
 
     async def _plan(self, start: float, end: float) -> Window:
@@ -165,7 +188,9 @@ class RollingPlanner:
             self.failures += 1
             log.warning("[%s] director failed for %.1f-%.1fs (%s: %s); using the default plan",
                         self.session_id, start, end, type(exc).__name__, exc)
-            return Window(start=start, end=end, shots=[default_shot(start, end)])
+            return Window(start=start, end=end, shots=[
+                default_shot(start, end).model_copy(update={"character": c})
+                for c in range(self.timeline.characters)])
 
     def _target(self) -> float:
         return max(self.clock.now() + self.lead_s + self.window_s, self._replan_until)

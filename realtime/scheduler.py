@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import Engine, Keyframe
+from engines.base import AudioSlice, Engine, Keyframe
 from engines.storyline import Shot, Storyline, default_shot
 from realtime.clock import Clock
 from realtime.events import (
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 AUDIO_CONTEXT_S = 0.3  # audio before a sub-clip that engines may look at
 KEYFRAME_RETRY_S = 0.5  # after a failed keyframe batch
 STORYLINE_HISTORY_S = 10.0  # planned windows kept behind the clock
+EASE_CONTEXT_S = 2.0  # shots this far before a keyframe reach the engine (the longest Shot.ease_s)
 
 
 @dataclass(slots=True)
@@ -275,7 +276,8 @@ class CascadeScheduler:
     async def _make_keyframes(self, boundaries: list[int], until: int) -> None:
         times = [b * self.clip_s for b in boundaries]
         if times:
-            shots = self.storyline.shots_between(times[0], times[-1] + self.clip_s) or [
+            # with the shots before them: engines ease from the shot before into a new one
+            shots = self.storyline.shots_between(times[0] - EASE_CONTEXT_S, times[-1] + self.clip_s) or [
                 default_shot(times[0], times[-1] + self.clip_s)]
             loop = asyncio.get_running_loop()
             try:
@@ -311,9 +313,9 @@ class CascadeScheduler:
         return out
 
     def _render_blocking(self, first: Keyframe, last: Keyframe, shots: list[Shot],
-                         audio: Any) -> tuple[list[np.ndarray], float]:
+                         audios: list[AudioSlice]) -> tuple[list[np.ndarray], float]:
         t = time.perf_counter()
-        frames = self.engine.subclip(self.prepared, first, last, [audio] * len(shots), shots)
+        frames = self.engine.subclip(self.prepared, first, last, audios, shots)
         frames = self.engine.upscale(frames)
         return frames, (time.perf_counter() - t) * 1000
 
@@ -322,11 +324,13 @@ class CascadeScheduler:
         t0, t1 = i * self.clip_s, (i + 1) * self.clip_s
         first, last = self.keyframes[i], self.keyframes[i + 1]
         shots = self._shots_at(t0, t1)
-        audio = self.timeline.slice(t0 - AUDIO_CONTEXT_S, t1)
+        # each character's own voice (the timeline may hold fewer: the rest are silent)
+        audios = [self.timeline.slice(t0 - AUDIO_CONTEXT_S, t1, c)
+                  for c in range(min(len(shots), self.timeline.characters))]
         loop = asyncio.get_running_loop()
         try:
             frames, ms = await loop.run_in_executor(
-                self.executor, self._render_blocking, first, last, shots, audio)
+                self.executor, self._render_blocking, first, last, shots, audios)
         except asyncio.CancelledError:
             raise
         except Exception:

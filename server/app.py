@@ -1,4 +1,10 @@
-"""HTTP + WebRTC signalling (aiohttp): sessions, avatars, health, metrics, the page."""
+"""The HTTP front (aiohttp): the page, avatars, health, metrics, and sessions placed on workers.
+
+Sessions live in session worker processes (``server.workers``); this process
+answers HTTP, keeps the avatars and the figures, and hands each session call
+to the worker that holds the session. WebRTC media goes straight between the
+client and that worker.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +14,15 @@ import logging
 import os
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCIceServer
 from pydantic import BaseModel, Field
 
-from engines.base import Avatar, Engine
-from engines.director.base import Director, StaticDirector
-from realtime.scheduler import SchedulerConfig
 from server.avatars import DEFAULT_ID, AvatarError, AvatarStore
-from server.session import Session, SessionSettings
-from server.signalling import OfferError, WebRTCPeer
+from server.host import HostConfig
+from server.workers import SessionGone, WorkerCallError, WorkerError, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +39,16 @@ def _rss_bytes() -> int:
 
 
 class ServerConfig(BaseModel):
+    """The HTTP front's settings (what sessions run with is ``HostConfig``, the workers')."""
+
     host: str = "127.0.0.1"
     port: int = 8080
-    engine: str = "portrait"
     avatar: Path | None = None
-    ice_hosts: list[str] = Field(default_factory=list)
-    ice_servers: list[str] = Field(default_factory=list)
     max_sessions: int = Field(4, ge=1)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     data_dir: Path = Path("data")
     token: str | None = None
-    delay_ms: float = Field(130.0, gt=0)
-    subclip_frames: int = Field(1, ge=1)
-    workers: int = Field(1, ge=1)
-    render_threads: int = Field(2, ge=1)
-    director: str = "embedded"
-    director_timeout_s: float = Field(1.5, gt=0)
+    session_workers: int = Field(1, ge=1)
 
     def requires_token(self) -> bool:
         try:
@@ -66,16 +58,12 @@ class ServerConfig(BaseModel):
 
 
 class AvatarServer:
-    def __init__(self, config: ServerConfig, engine: Engine,
-                 director_factory: Callable[[], Director] | None = None) -> None:
+    def __init__(self, config: ServerConfig, host: HostConfig, *, log_level: str = "INFO") -> None:
         self.config = config
-        self.engine = engine
-        self.director_factory = director_factory or StaticDirector
+        self.host = host
+        self.log_level = log_level
         self.store = AvatarStore(config.data_dir / "avatars")
-        self.sessions: dict[str, Session] = {}
-        self.executor = ThreadPoolExecutor(config.render_threads, thread_name_prefix="render")
-        self._prepared: OrderedDict[str, tuple[Any, np.ndarray, np.ndarray]] = OrderedDict()
-        self._prepare_lock = asyncio.Lock()
+        self.pool: WorkerPool | None = None
         self.ready = False
         self.default_avatar = DEFAULT_ID
         self.started = time.time()
@@ -92,61 +80,21 @@ class AvatarServer:
         if self.config.avatar is not None:
             info = await self.store.add(self.config.avatar.read_bytes())
             self.default_avatar = info.id
-        loop = asyncio.get_running_loop()
-        from realtime.tts import load_voice
-        from realtime.vad import load as load_vad
-
-        (prepared, image, _), _, _ = await asyncio.gather(self.prepared(self.default_avatar),
-                                                          loop.run_in_executor(None, load_voice),
-                                                          loop.run_in_executor(None, load_vad))
-        await asyncio.gather(loop.run_in_executor(self.executor, self._warm_up, prepared),
-                             self._warm_up_director(image))
+        self.pool = WorkerPool(self.host, self.config.session_workers, warm_avatar=self.default_avatar,
+                               log_level=self.log_level)
+        await self.pool.start()
         self.ready = True
-        log.info("ready: engine %s, avatar %s", self.engine.name, self.default_avatar)
-
-    async def _warm_up_director(self, image: np.ndarray) -> None:
-        """Load the director's models now; a failure is logged, sessions plan without it."""
-        director = self.director_factory()
-        try:
-            await director.warm_up(image, self.default_avatar)
-        except Exception as exc:  # e.g. an LLM endpoint that is down: windows fall back
-            log.warning("director %s warm-up failed: %s: %s", director.name, type(exc).__name__, exc)
-        finally:
-            await director.aclose()
-
-    def _warm_up(self, prepared: Any) -> None:
-        """Run every stage once so the first session does not pay for first calls."""
-        from engines.base import AUDIO_RATE, AudioSlice
-        from engines.storyline import default_shot
-
-        shot = default_shot(0.0, 1.0)
-        step = self.config.subclip_frames / self.engine.fps
-        kfs = self.engine.keyframes(prepared, [shot], [0.0, step])
-        audio = AudioSlice(start=-0.3, samples=np.zeros(round((0.3 + step) * AUDIO_RATE), np.float32))
-        self.engine.upscale(self.engine.subclip(prepared, kfs[0], kfs[1], [audio], [shot]))
+        log.info("ready: engine %s, avatar %s, %d session worker(s)", self.host.engine,
+                 self.default_avatar, self.config.session_workers)
 
     async def shutdown(self, app: web.Application) -> None:
-        await asyncio.gather(*(s.close() for s in list(self.sessions.values())),
-                             return_exceptions=True)
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.pool is not None:
+            await self.pool.aclose()
 
-    async def prepared(self, avatar_id: str) -> tuple[Any, np.ndarray, np.ndarray]:
-        """(prepared, reference image, idle frame) for an avatar, cached (LRU of 8)."""
-        async with self._prepare_lock:
-            if avatar_id in self._prepared:
-                self._prepared.move_to_end(avatar_id)
-                return self._prepared[avatar_id]
-            avatar: Avatar = await self.store.load(avatar_id)
-            loop = asyncio.get_running_loop()
-            prep = await loop.run_in_executor(self.executor, self.engine.prepare, avatar)
-            idle = self.engine.idle_frame(prep)
-            self._prepared[avatar_id] = (prep, avatar.image, idle)
-            while len(self._prepared) > 8:
-                self._prepared.popitem(last=False)
-            return self._prepared[avatar_id]
-
-    def rtc_configuration(self) -> RTCConfiguration:
-        return RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in self.config.ice_servers])
+    def _pool(self) -> WorkerPool:
+        if self.pool is None or not self.ready:
+            raise web.HTTPServiceUnavailable(reason="server is starting", headers={"Retry-After": "1"})
+        return self.pool
 
     # --- middleware -------------------------------------------------------------------
     @web.middleware
@@ -157,6 +105,13 @@ class AvatarServer:
             return await handler(request)
         except AvatarError as exc:
             return web.json_response({"error": exc.message}, status=exc.status)
+        except SessionGone as exc:
+            # a session that ended says how (its worker died, the peer left); others are unknown
+            return web.json_response({"error": str(exc)}, status=410 if exc.why else 404)
+        except WorkerCallError as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        except WorkerError as exc:
+            return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": "2"})
         except web.HTTPRequestEntityTooLarge as exc:
             return web.json_response({"error": f"request body too large: {exc.text}"}, status=413)
         except web.HTTPException as exc:
@@ -202,22 +157,22 @@ class AvatarServer:
         app.router.add_get("/v1/avatars", self.list_avatars)
         app.router.add_get("/v1/avatars/{id}/image", self.avatar_image)
         app.router.add_delete("/v1/avatars/{id}", self.delete_avatar)
+        app.router.add_get("/v1/workers", self.list_workers)
         return app
 
     async def page(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(WEB_ROOT / "index.html")
 
     async def healthz(self, request: web.Request) -> web.Response:
-        if not self.ready:
+        if not self.ready or self.pool is None:
             return web.json_response({"status": "starting"}, status=503,
                                      headers={"Retry-After": "1"})
-        return web.json_response({"status": "ok", "engine": self.engine.name,
-                                  "sessions": len(self.sessions)})
+        return web.json_response({"status": "ok", "engine": self.host.engine,
+                                  "sessions": self.pool.session_count(),
+                                  "session_workers": len(self.pool.alive())})
 
     async def create_session(self, request: web.Request) -> web.Response:
-        if not self.ready:
-            raise web.HTTPServiceUnavailable(reason="server is starting",
-                                             headers={"Retry-After": "1"})
+        pool = self._pool()
         ctype = request.content_type
         if ctype != "application/sdp":
             raise web.HTTPUnsupportedMediaType(
@@ -228,7 +183,7 @@ class AvatarServer:
         raw = await request.content.read(MAX_SDP_BYTES + 1)
         if len(raw) > MAX_SDP_BYTES:
             raise web.HTTPRequestEntityTooLarge(max_size=MAX_SDP_BYTES, actual_size=len(raw))
-        if len(self.sessions) >= self.config.max_sessions:
+        if pool.session_count() >= self.config.max_sessions:
             self.sessions_rejected += 1
             raise web.HTTPServiceUnavailable(
                 reason=f"all {self.config.max_sessions} session slots are in use; retry later",
@@ -239,68 +194,48 @@ class AvatarServer:
             raise web.HTTPBadRequest(reason="SDP offer is not UTF-8 text") from exc
         avatar_id = request.query.get("avatar", self.default_avatar)
         self.store.info(avatar_id)  # 404 if unknown
-        prepared, image, idle = await self.prepared(avatar_id)
-        settings = SessionSettings(
-            delay_s=self.config.delay_ms / 1000,
-            scheduler=SchedulerConfig(subclip_frames=self.config.subclip_frames,
-                                      workers=self.config.workers),
-            director_timeout_s=self.config.director_timeout_s,
-        )
-        session = Session(engine=self.engine, prepared=prepared, avatar_id=avatar_id,
-                          avatar_image=image, idle_frame=idle, director=self.director_factory(),
-                          executor=self.executor, settings=settings, on_closed=self._forget)
-        self.sessions[session.id] = session
-        try:
-            answer = await session.connect(WebRTCPeer(session, self.rtc_configuration(),
-                                                      settings.video_codec), sdp)
-        except OfferError as exc:
-            await session.close()
-            raise web.HTTPBadRequest(reason=str(exc)) from exc
+        if "v=0" not in sdp or "m=" not in sdp:  # plainly not SDP: no worker needs to see it
+            raise web.HTTPBadRequest(reason="body is not an SDP offer (expected 'v=0' and media sections)")
+        sid, answer, worker = await pool.create_session(avatar_id, sdp)
         self.sessions_total += 1
-        log.info("[%s] session created (avatar %s, %d live)", session.id, avatar_id,
-                 len(self.sessions))
+        log.info("[%s] session created on worker %d (avatar %s, %d live)", sid, worker.index, avatar_id,
+                 pool.session_count())
         return web.Response(status=201, text=answer, content_type="application/sdp",
-                            headers={"Location": f"/v1/sessions/{session.id}"})
+                            headers={"Location": f"/v1/sessions/{sid}"})
 
     async def session_speech(self, request: web.Request) -> web.Response:
-        """Uploaded speech for a session to say (an audio file as the body)."""
-        from realtime.ingest import AudioUploadError, decode_upload
-
-        session = self._session(request)
+        """Uploaded speech for a session to say (an audio file as the body); the worker decodes it."""
+        sid = request.match_info["id"]
+        pool = self._pool()
+        if pool.owner(sid) is None:
+            raise SessionGone(sid, pool.ended.get(sid))
         data = await request.read()
         if not data:
             return web.json_response({"error": "empty body: send an audio file (WAV, MP3, OGG, FLAC)"},
                                      status=415)
-        loop = asyncio.get_running_loop()
-        try:
-            ana, out = await loop.run_in_executor(None, decode_upload, data)
-        except AudioUploadError as exc:
-            return web.json_response({"error": str(exc)}, status=exc.status)
-        session.speech.play(ana, out)
-        return web.json_response({"duration_s": round(len(ana) / 16000, 3)}, status=202)
-
-    def _forget(self, session: Session) -> None:
-        self.sessions.pop(session.id, None)
-
-    def _session(self, request: web.Request) -> Session:
-        sid = request.match_info["id"]
-        session = self.sessions.get(sid)
-        if session is None:
-            raise web.HTTPNotFound(reason=f"no session {sid!r}")
-        return session
+        body = await pool.session_call(sid, "POST", "/speech", data=data)
+        return web.json_response(body, status=202)
 
     async def get_session(self, request: web.Request) -> web.Response:
-        return web.json_response(self._session(request).stats().model_dump(mode="json", by_alias=True))
+        stats = await self._pool().session_call(request.match_info["id"], "GET")
+        return web.json_response(stats)
 
     async def list_sessions(self, request: web.Request) -> web.Response:
-        return web.json_response({"sessions": [s.stats().model_dump(mode="json", by_alias=True)
-                                               for s in self.sessions.values()],
-                                  "max_sessions": self.config.max_sessions})
+        pool = self._pool()
+        sessions = []
+        for w in pool.alive():
+            for sid, st in w.sessions.items():
+                sessions.append({**st, "session": sid, "session_worker": w.index})
+        return web.json_response({"sessions": sessions, "max_sessions": self.config.max_sessions})
 
     async def delete_session(self, request: web.Request) -> web.Response:
-        session = self._session(request)
-        await session.close()
+        await self._pool().delete_session(request.match_info["id"])
         return web.Response(status=204)
+
+    async def list_workers(self, request: web.Request) -> web.Response:
+        pool = self._pool()
+        return web.json_response({"workers": pool.describe(), "restarts": pool.restarts,
+                                  "cpu_seconds": round(pool.cpu_seconds(), 2)})
 
     async def upload_avatar(self, request: web.Request) -> web.Response:
         if request.content_type.startswith("multipart/"):
@@ -334,14 +269,17 @@ class AvatarServer:
     async def delete_avatar(self, request: web.Request) -> web.Response:
         avatar_id = request.match_info["id"]
         await self.store.delete(avatar_id)
-        self._prepared.pop(avatar_id, None)
+        if self.pool is not None:
+            await self.pool.forget_avatar(avatar_id)
         if self.default_avatar == avatar_id:
             self.default_avatar = DEFAULT_ID
         return web.Response(status=204)
 
     async def metrics(self, request: web.Request) -> web.Response:
+        pool = self.pool
+        live = pool.session_count() if pool is not None else 0
         lines = [
-            "# TYPE avatar_sessions gauge", f"avatar_sessions {len(self.sessions)}",
+            "# TYPE avatar_sessions gauge", f"avatar_sessions {live}",
             "# TYPE avatar_sessions_total counter", f"avatar_sessions_total {self.sessions_total}",
             "# TYPE avatar_sessions_rejected_total counter",
             f"avatar_sessions_rejected_total {self.sessions_rejected}",
@@ -349,12 +287,17 @@ class AvatarServer:
             "# TYPE process_resident_memory_bytes gauge",
             f"process_resident_memory_bytes {_rss_bytes()}",
         ]
-        for s in self.sessions.values():
-            st = s.stats()
-            for key in ("fps", "latency_ms", "av_offset_ms", "held_frames", "late_frames",
-                        "render_ms"):
-                value = getattr(st, key)
-                if value is not None:
-                    lines.append(f'avatar_session_{key}{{session="{s.id}"}} {value}')
+        if pool is not None:
+            lines += ["# TYPE avatar_session_workers gauge", f"avatar_session_workers {len(pool.alive())}",
+                      "# TYPE avatar_session_worker_restarts_total counter",
+                      f"avatar_session_worker_restarts_total {pool.restarts}",
+                      "# TYPE avatar_session_worker_cpu_seconds_total counter",
+                      f"avatar_session_worker_cpu_seconds_total {pool.cpu_seconds():.3f}"]
+            for w in pool.alive():
+                lines.append(f'avatar_session_worker_sessions{{worker="{w.index}"}} {len(w.sessions)}')
+                for sid, st in w.sessions.items():
+                    for key in ("fps", "latency_ms", "av_offset_ms", "held_frames", "late_frames",
+                                "render_ms"):
+                        if st.get(key) is not None:
+                            lines.append(f'avatar_session_{key}{{session="{sid}"}} {st[key]}')
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
-

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("avatar")
 
@@ -31,6 +32,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--subclip-frames", type=int, default=1,
                    help="frames per sub-clip: the latency knob (audio waited for before a render)")
     p.add_argument("--workers", type=int, default=1, help="parallel sub-clips per session")
+    p.add_argument("--session-workers", type=int, default=0, metavar="N",
+                   help="session worker processes (default: one per core; one for GPU engines)")
     p.add_argument("--render-threads", type=int, default=max(1, (os.cpu_count() or 2)))
     p.add_argument("--cpu-threads", type=int, default=1,
                    help="PyTorch CPU threads (the director's models; renders run on their own threads)")
@@ -68,57 +71,59 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--log-level", default="INFO")
 
 
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``create_engine`` takes besides the name, as JSON for the session workers."""
+    return {"weights": str(args.weights) if args.weights else None, "random_weights": args.random_weights,
+            "device": args.device, "dtype": args.dtype, "dit_backend": args.dit_backend,
+            "trt_engines": str(args.trt_engines) if args.trt_engines else None,
+            "wav2vec": str(args.wav2vec) if args.wav2vec else None, "model": args.model,
+            "size": args.flashhead_size}
+
+
 def serve(args: argparse.Namespace) -> int:
-    import cv2
-
-    from engines.registry import create_engine
     from server.app import AvatarServer, ServerConfig
-    from server.ice import restrict_host_candidates, set_consent_timers
+    from server.directors import director_factory
+    from server.host import HostConfig
+    from server.workers import WorkerError
 
-    cv2.setNumThreads(1)  # one core per render; parallelism comes from the worker pool
     if args.cpu_threads < 1:
         log.error("--cpu-threads must be at least 1, got %d", args.cpu_threads)
         return 2
-    import torch
-
-    # small models, one request at a time: more threads only contend with the renderers
-    torch.set_num_threads(args.cpu_threads)
+    director_options = {"llm_url": args.llm_url, "llm_model": args.llm_model, "llm_key": args.llm_key,
+                        "llm_timeout_s": args.llm_timeout, "llm_rounds": args.llm_rounds}
     try:
-        engine = create_engine(args.engine, weights=args.weights,
-                               random_weights=args.random_weights, device=args.device,
-                               dtype=args.dtype, dit_backend=args.dit_backend,
-                               trt_engines=args.trt_engines, wav2vec=args.wav2vec,
-                               model=args.model, size=args.flashhead_size)
+        director_factory(args.director, **director_options)  # its settings are checked here, once
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    restrict_host_candidates(args.ice_host)
-    set_consent_timers(args.consent_interval, args.consent_failures)
-    config = ServerConfig(
-        host=args.host, port=args.port, engine=args.engine, avatar=args.avatar,
-        ice_hosts=args.ice_host, ice_servers=args.ice_server, max_sessions=args.max_sessions,
-        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), data_dir=args.data_dir,
-        token=args.token, delay_ms=args.delay_ms, subclip_frames=args.subclip_frames,
-        workers=args.workers, render_threads=args.render_threads, director=args.director,
+    gpu_engine = args.engine != "portrait"
+    workers = args.session_workers or (1 if gpu_engine else max(1, os.cpu_count() or 1))
+    host = HostConfig(
+        engine=args.engine, engine_options=_engine_options(args), director=args.director,
+        director_options=director_options, data_dir=args.data_dir, ice_hosts=args.ice_host,
+        ice_servers=args.ice_server, consent_interval_s=args.consent_interval,
+        consent_failures=args.consent_failures, delay_ms=args.delay_ms,
+        subclip_frames=args.subclip_frames, workers=args.workers, render_threads=args.render_threads,
+        cpu_threads=args.cpu_threads,
         director_timeout_s=args.llm_timeout + 2.0 if args.director == "llm" else 1.5,
     )
-    from server.directors import director_factory
-
-    try:
-        factory = director_factory(args.director, llm_url=args.llm_url, llm_model=args.llm_model,
-                                   llm_key=args.llm_key, llm_timeout_s=args.llm_timeout,
-                                   llm_rounds=args.llm_rounds)
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
-    server = AvatarServer(config, engine, factory)
+    config = ServerConfig(
+        host=args.host, port=args.port, avatar=args.avatar, max_sessions=args.max_sessions,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), data_dir=args.data_dir,
+        token=args.token, session_workers=workers,
+    )
+    server = AvatarServer(config, host, log_level=args.log_level)
     if config.token and config.requires_token():
         sys.stderr.write(f"API token: {config.token}\n")
     from aiohttp import web
 
-    log.info("serving on http://%s:%d (engine %s)", args.host, args.port, engine.name)
-    web.run_app(server.build_app(), host=args.host, port=args.port, print=None,
-                access_log=None)
+    log.info("serving on http://%s:%d (engine %s, %d session worker(s))", args.host, args.port,
+             args.engine, workers)
+    try:
+        web.run_app(server.build_app(), host=args.host, port=args.port, print=None, access_log=None)
+    except WorkerError as exc:
+        log.error("%s", exc)
+        return 2
     return 0
 
 

@@ -1,9 +1,14 @@
 """Wire messages on a session's ``control`` data channel, in and out (JSON objects with a ``type``).
 
-Client to server: ``say``, ``instruct``, ``interrupt``. Server to client:
-``stats`` (about once a second), ``ack`` (an instruction or interrupt was
-applied, and from which pts) and ``error`` (a message was refused, and why).
-Anything else gets an ``error`` that says what was expected.
+Client to server: ``say`` (text, and who says it with which voice:
+``{"type": "say", "text": ..., "character": 1, "voice": "joe"}``),
+``instruct``, ``interrupt`` and ``mic`` (whom the host's microphone speaks
+for: ``{"type": "mic", "character": 0}``). Character 0 is the leftmost face
+of the avatar, 1 the other one in a two-person photo; both default to 0.
+Server to client: ``stats`` (about once a second), ``ack`` (an instruction,
+interrupt or mic route was applied, and from which pts) and ``error`` (a
+message was refused, and why). Anything else gets an ``error`` that says
+what was expected.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from engines.storyline import Shot
-from realtime.tts import MAX_SAY_CHARS, clean_text
+from realtime.tts import DEFAULT_VOICE, MAX_SAY_CHARS, check_voice, clean_text
 
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_INSTRUCTION_CHARS = 2000
-IN_TYPES = ("say", "instruct", "interrupt")
+MAX_CHARACTERS = 2  # characters one avatar can have (0 and 1)
+IN_TYPES = ("say", "instruct", "interrupt", "mic")
 
 
 class MessageError(ValueError):
@@ -37,9 +43,21 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _character(value: int) -> int:
+    if not 0 <= value < MAX_CHARACTERS:
+        raise ValueError(f"character {value} does not exist: an avatar has characters 0 and 1 "
+                         f"at most (0 is the leftmost face)")
+    return value
+
+
+Character = Annotated[int, Field(strict=True), AfterValidator(_character)]
+
+
 class Say(_In):
     type: Literal["say"]
     text: Annotated[str, AfterValidator(_say_text)]
+    character: Character = 0
+    voice: Annotated[str, AfterValidator(check_voice)] = DEFAULT_VOICE
 
 
 class Instruct(_In):
@@ -51,11 +69,19 @@ class Interrupt(_In):
     type: Literal["interrupt"]
 
 
-ControlMessage = Annotated[Say | Instruct | Interrupt, Field(discriminator="type")]
-_CONTROL: TypeAdapter[Say | Instruct | Interrupt] = TypeAdapter(ControlMessage)
+class Mic(_In):
+    """Route the host's microphone to ``character`` from now on."""
+
+    type: Literal["mic"]
+    character: Character = 0
 
 
-def parse_control(raw: str | bytes) -> Say | Instruct | Interrupt:
+InMessage = Say | Instruct | Interrupt | Mic
+ControlMessage = Annotated[InMessage, Field(discriminator="type")]
+_CONTROL: TypeAdapter[InMessage] = TypeAdapter(ControlMessage)
+
+
+def parse_control(raw: str | bytes) -> InMessage:
     """One message from the wire; ``MessageError`` with a clear reason for anything else."""
     if len(raw) > MAX_CONTROL_BYTES:
         unit = "bytes" if isinstance(raw, bytes) else "characters"
@@ -140,7 +166,11 @@ class Stats(_Out):
     plan_generation: int
     stale_windows: int
     forced_keyframes: int
-    shot: Shot | None
+    shot: Shot | None = Field(description="character 0's shot playing now")
+    characters: int = Field(1, description="faces the avatar animates (0 is the leftmost)")
+    mic_character: int = Field(0, description="whom the host's microphone speaks for")
+    shots: list[Shot | None] = Field(default_factory=list,
+                                     description="each character's shot playing now")
 
 
 OutMessage = Ack | Error | Stats

@@ -69,7 +69,8 @@ class Session:
         self.avatar_id = avatar_id
         self.clock = clock or LoopClock()
         self.tasks = TaskOwner(self.id)
-        self.timeline = AudioTimeline()
+        self.characters = engine.characters(prepared)
+        self.timeline = AudioTimeline(characters=self.characters)
         self.playout = Playout(engine.fps, settings.delay_s)
         sched_config = settings.scheduler or SchedulerConfig()
         sched_config.delay_s = settings.delay_s
@@ -86,7 +87,8 @@ class Session:
         self.control = SessionControl(clock=self.clock, fps=engine.fps, delay_s=settings.delay_s,
                                       subclip_s=self.scheduler.clip_s, speech=self.speech,
                                       timeline=self.timeline, planner=self.planner.inbox,
-                                      scheduler=self.scheduler.inbox, send=self.send, session_id=self.id)
+                                      scheduler=self.scheduler.inbox, ingest=self.ingest.inbox,
+                                      send=self.send, characters=self.characters, session_id=self.id)
         self.video = AvatarVideoTrack(self.playout, self.clock, self.timeline, idle_frame,
                                       banner=engine.banner())
         self.audio = AvatarAudioTrack(self.timeline, self.clock, settings.delay_s)
@@ -170,6 +172,9 @@ class Session:
             stale_windows=self.planner.stale + sched.stats.windows_stale,
             forced_keyframes=sched.stats.forced_keyframes,
             shot=self.planner.current_shot(self.playing_pts()),
+            characters=self.characters,
+            mic_character=self.control.mic_character,
+            shots=[self.planner.current_shot(self.playing_pts(), c) for c in range(self.characters)],
         )
 
     # --- teardown -----------------------------------------------------------------------

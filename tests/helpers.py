@@ -47,6 +47,16 @@ def envelope(x: np.ndarray, rate: int, hop_s: float) -> np.ndarray:
     return np.sqrt((x[: n * hop].astype(np.float64).reshape(n, hop) ** 2).mean(axis=1))
 
 
+def returned_envelope(peer: Any, hop: float = 0.04) -> tuple[np.ndarray, np.ndarray]:
+    """Envelope (RMS) of the voice that came back to a ``server.peer.AvatarPeer``, on the
+    client's arrival clock."""
+    t = np.array([a for a, _ in peer.got.audio])
+    chunks = [x.astype(np.float32) / 32768 for _, x in peer.got.audio]
+    rms = np.array([np.sqrt(np.mean(c ** 2)) for c in chunks])
+    grid = np.arange(t[0], t[-1], hop)
+    return grid, np.interp(grid, t, rms)
+
+
 @functools.cache
 def astronaut() -> np.ndarray:
     from skimage import data

@@ -53,3 +53,9 @@ def side_by_side(*images: np.ndarray, height: int = 512) -> np.ndarray:
 def two_people() -> np.ndarray:
     """The astronaut (left, character 0) and Grace Hopper (right, character 1)."""
     return side_by_side(astronaut(), hopper())
+
+
+def two_closed_mouths() -> np.ndarray:
+    """Père Tanguy (left, character 0) and Grace Hopper (right, character 1), both with the
+    mouth closed: any lip gap on their frames is the animation's."""
+    return side_by_side(tanguy(), hopper())

@@ -74,3 +74,63 @@ async def test_host_console_in_chromium(server: RunningServer, tmp_path: Path) -
             assert await page.evaluate("window.avatarClient.errors") == []
         finally:
             await browser.close()
+
+
+async def test_host_console_picks_who_speaks_on_a_two_person_avatar(server: RunningServer,
+                                                                     tmp_path: Path) -> None:
+    import io
+
+    import aiohttp
+    from PIL import Image
+    from playwright.async_api import async_playwright
+
+    from tests.portraits import two_closed_mouths
+
+    buf = io.BytesIO()
+    Image.fromarray(two_closed_mouths()).save(buf, format="JPEG", quality=92)
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{server.url}/v1/avatars", data=buf.getvalue(),
+            headers={"Content-Type": "image/jpeg"}) as res:
+        assert res.status == 201, await res.text()
+        avatar = (await res.json())["id"]
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(server.url)
+            await page.wait_for_function(
+                f"[...document.querySelector('#avatar').options].some(o => o.value === '{avatar}')")
+            assert await page.is_hidden("#cast"), "one face: nobody to pick"
+            await page.select_option("#avatar", avatar)
+            await page.wait_for_selector("#cast", state="visible")
+            await page.select_option("#mic-character", "1")  # before Start: sent once connected
+            await page.select_option("#say-character", "1")
+            await page.click("#start")
+            await page.wait_for_function(
+                "window.avatarClient.connected && window.avatarClient.lastStats && "
+                "window.avatarClient.lastStats.mic_character === 1", timeout=30_000)
+            await page.fill("#say-text", "Hello from the one on the right.")
+            await page.click("#say")
+            await page.wait_for_function("window.avatarClient.audioLevelDb > -35", timeout=8_000)
+            await page.wait_for_function(
+                "document.querySelector('#shot').textContent.includes('character 1 (right)') && "
+                "document.querySelector('#shot').textContent.includes('listening to character 1')",
+                timeout=8_000)
+            panel = await page.text_content("#shot")
+            assert panel is not None and "character 0 (left)" in panel
+            assert "microphone speaks as 1" in panel
+            await page.select_option("#mic-character", "0")
+            await page.wait_for_function("window.avatarClient.lastStats.mic_character === 0",
+                                         timeout=5_000)
+            await page.screenshot(path=str(tmp_path / "two.png"))
+            await page.click("#stop")
+            assert errors == [], errors
+            assert await page.evaluate("window.avatarClient.errors") == []
+        finally:
+            await browser.close()

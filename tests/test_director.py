@@ -230,3 +230,38 @@ async def test_visual_expert_reads_the_portrait(director: EmbeddedDirector) -> N
     assert director.visual_facts(faceless) is None
     window = await director.plan_window(faceless)  # no face: the other experts still plan
     assert window.shots
+
+
+async def test_two_characters_the_speaker_from_its_speech_the_listener_from_listening(
+        director: EmbeddedDirector) -> None:
+    from engines.director.base import CharacterSpeech
+
+    line = "Yes, I agree, this is wonderful news!"
+    x = speech(line)
+    dur = len(x) / AUDIO_RATE
+    end = round(dur + 0.8, 2)  # Piper's timing varies from run to run
+    window = np.zeros(round(end * AUDIO_RATE), np.float32)
+    window[:len(x)] = x
+    silent = CharacterSpeech(audio=np.zeros_like(window))
+    talking = CharacterSpeech(audio=window, text=line, utterances=[(0.0, dur, line)])
+    for speaker in (0, 1):
+        cast = [talking, silent] if speaker == 0 else [silent, talking]
+        req = PlanRequest(session_id="t", start=0.0, end=end, audio=cast[0].audio, text=cast[0].text,
+                          utterances=cast[0].utterances, avatar_image=astronaut(), characters=2,
+                          cast=cast)
+        shots = (await director.plan_window(req)).shots
+        assert {s.character for s in shots} == {0, 1}
+        for c in (0, 1):
+            mine = sorted((s for s in shots if s.character == c), key=lambda s: s.start)
+            assert mine[0].start == 0.0 and mine[-1].end == end  # each character's own cover
+        said = [s for s in shots if s.character == speaker and s.start < dur]
+        heard = [s for s in shots if s.character == 1 - speaker and s.start < dur - 0.5]
+        assert any(s.emotion.label in (E.happy, E.surprised) for s in said), said
+        assert all(s.gaze == GazeTarget.camera for s in said)
+        for s in heard:  # the listener: eyes on the speaker, small motion, mouth closed
+            assert s.gaze == GazeTarget.speaker and s.head_motion <= 0.35, s
+            assert f"listening to character {speaker}" in s.rationale
+            assert "talking" in s.negative_prompt and "listening to the other person" in s.prompt
+    # one character: nothing changes (no listener, the fields above are character 0's)
+    alone = await director.plan_window(say(line))
+    assert all(s.character == 0 and s.gaze != GazeTarget.speaker for s in alone.shots)

@@ -171,6 +171,36 @@ async def test_http_errors_and_non_completions_fall_back(endpoint) -> None:  # t
         assert window.shots  # type: ignore[attr-defined]
 
 
+async def test_two_characters_the_llm_plans_the_speaker_and_the_embedded_rules_the_listener(
+        endpoint) -> None:  # type: ignore[no-untyped-def]
+    from engines.director.base import CharacterSpeech
+    from engines.storyline import GazeTarget
+
+    async def valid(req: web.Request) -> web.Response:
+        if "negative director" in (await req.json())["messages"][0]["content"]:
+            return completion('{"negatives": ["tears"]}')
+        return completion('{"emotion": "happy", "intensity": "high", "gestures": [], '
+                          '"gaze": "camera", "head_motion": "medium", "confidence": "high"}')
+
+    line = "Thank you so much, I'm delighted!"
+    req = PlanRequest(session_id="llm", start=0.0, end=2.0, avatar_image=astronaut(), characters=2,
+                      cast=[CharacterSpeech(), CharacterSpeech(text=line, utterances=[(0.0, 1.8, line)])])
+    director = LLMDirector(LLMConfig(base_url=await endpoint(valid), model="x", timeout_s=5,
+                                     request_timeout_s=5), fallback=EmbeddedDirector(transcribe=False))
+    try:
+        window = await director.plan_window(req)
+    finally:
+        await director.aclose()
+    assert director.stats.fallbacks == 0, director.stats.last_error
+    speaker = [s for s in window.shots if s.character == 1]
+    listener = [s for s in window.shots if s.character == 0]
+    assert speaker and listener and len(speaker) + len(listener) == len(window.shots)
+    main = max(speaker, key=lambda s: s.end - s.start)
+    assert "x says happy" in main.rationale and "tears" in main.negative_prompt  # the LLM's
+    assert all("listening to character 1" in s.rationale and s.gaze == GazeTarget.speaker
+               for s in listener if s.start < 1.5)  # the embedded rules'
+
+
 def test_answers_are_repaired_where_they_can_be() -> None:
     assert extract_json('noise {"a": 1,} trailing') == {"a": 1}
     assert extract_json("{'a': True, 'b': None}") == {"a": True, "b": None}

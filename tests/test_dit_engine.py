@@ -168,6 +168,15 @@ async def test_tiny_cascade_through_the_scheduler(engine: DitEngine) -> None:
     assert len({f.tobytes() for f, _ in frames}) > 1  # real frames, not one held image
 
 
+def test_the_scheduler_never_asks_the_dit_engine_for_frames_it_would_throw_away(engine: DitEngine) -> None:
+    # the VAE codes video four frames at a time: one-frame sub-clips (the server's default)
+    # would generate four and keep one, so the scheduler asks for the engine's minimum
+    assert engine.min_subclip_frames == engine.codec.temporal == 4
+    sched = CascadeScheduler(engine, None, AudioTimeline(horizon_s=5), FakeClock(), Playout(FPS, 0.2),
+                             InlineExecutor(), SchedulerConfig(subclip_frames=1, delay_s=0.2))
+    assert sched.n == 4 and sched.clip_s == pytest.approx(4 / FPS)
+
+
 def test_bad_calls_are_rejected(engine: DitEngine) -> None:
     prepared = engine.prepare(portrait())
     with pytest.raises(ValueError, match="RGB uint8"):

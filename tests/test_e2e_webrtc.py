@@ -14,7 +14,7 @@ import pytest
 from engines.face import NoFaceError, analyse_face, mouth_corner_lift, mouth_opening
 from server.peer import RATE, AvatarPeer
 from tests.conftest import RunningServer
-from tests.helpers import envelope, speech, wav_bytes
+from tests.helpers import envelope, returned_envelope, speech, wav_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -28,15 +28,6 @@ def openings(peer: AvatarPeer) -> tuple[np.ndarray, np.ndarray]:
             values.append(np.nan)
         times.append(t)
     return np.array(times), np.array(values)
-
-
-def returned_envelope(peer: AvatarPeer, hop: float = 0.04) -> tuple[np.ndarray, np.ndarray]:
-    """Envelope of the voice that came back, on the client's arrival clock."""
-    t = np.array([a for a, _ in peer.got.audio])
-    chunks = [x.astype(np.float32) / 32768 for _, x in peer.got.audio]
-    rms = np.array([np.sqrt(np.mean(c ** 2)) for c in chunks])
-    grid = np.arange(t[0], t[-1], hop)
-    return grid, np.interp(grid, t, rms)
 
 
 async def test_speech_round_trip_lips_follow_the_voice(server: RunningServer) -> None:
@@ -196,7 +187,7 @@ async def test_sessions_are_listed_and_deleted(server: RunningServer) -> None:
             async with http.delete(peer.session_url) as res:
                 assert res.status == 204
             async with http.get(peer.session_url) as res:
-                assert res.status == 404
+                assert res.status == 410 and "ended" in (await res.json())["error"]  # gone, and why
     finally:
         await peer.close(delete=False)
 

@@ -170,7 +170,7 @@ async def test_known_speech_is_planned_whole_with_its_words(inline_loop: None) -
         assert isinstance(events[0], PlanChanged) and events[0].from_pts == 3.0
         requests = [w for w in planner.storyline.windows if w.start >= 3.0]
         assert requests and all(w.end > 3.0 for w in requests)
-        assert all(b <= 3.0 for _, b, _ in planner._texts)
+        assert all(b <= 3.0 for _, b, _, _ in planner._texts)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

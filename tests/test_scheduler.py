@@ -254,6 +254,30 @@ async def test_a_plan_change_redoes_work_from_its_pts_and_drops_older_generation
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def test_keyframes_after_a_plan_change_see_the_shot_they_ease_from() -> None:
+    sched, clock, ex, timeline, playout = make(workers=1, n=1, delay=0.1, planned_until=1.0)
+    task = asyncio.ensure_future(sched.run())
+    try:
+        await run_for(sched, clock, ex, 0.1)
+        seen: list[list[Shot]] = []
+        real = sched.engine.keyframes
+
+        def keyframes(prepared: Any, shots: Sequence[Shot], times: Sequence[float]) -> list[Keyframe]:
+            seen.append(list(shots))
+            return real(prepared, shots, times)
+
+        sched.engine.keyframes = keyframes  # type: ignore[method-assign]
+        sched.inbox.post(PlanChanged(0.4, generation=1))
+        plan(sched, 0.4, 60.0, generation=1, label=EmotionLabel.happy)
+        await run_for(sched, clock, ex, 0.1)
+        first = next(shots for shots in seen if shots)
+        labels = [s.emotion.label for s in first]
+        assert EmotionLabel.neutral in labels and EmotionLabel.happy in labels, labels
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_keyframes_wait_for_a_pending_plan_but_never_past_their_time() -> None:
     sched, clock, ex, timeline, playout = make(workers=1, n=1, delay=0.1, planned_until=None)
     task = asyncio.ensure_future(sched.run())

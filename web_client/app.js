@@ -17,6 +17,8 @@ const state = {
   lastStats: null,
   errors: [],
   sessionUrl: null,
+  characters: 1, // faces of the avatar the session (or the next Start) uses
+  micCharacter: 0,
 };
 window.avatarClient = state;
 
@@ -74,6 +76,7 @@ async function loadAvatars(select) {
     }
     sel.value = select || data.default;
     showPreview(sel.value);
+    if (!pc) showCast(sel.value);
   } catch (e) {
     showError(`avatars: ${e.message}`);
   }
@@ -127,6 +130,31 @@ async function showPreview(id) {
   }
 }
 
+// Who speaks: with two faces the host picks the character the microphone and
+// Say speak for (0 is the leftmost face).
+function showCast(id) {
+  const info = avatarInfo.get(id);
+  state.characters = info ? Math.max(1, Math.min(2, info.faces)) : 1;
+  $("cast").hidden = state.characters < 2 || viewer;
+  if (state.characters < 2) {
+    $("mic-character").value = "0";
+    $("say-character").value = "0";
+  }
+}
+
+function routeMic() {
+  state.micCharacter = Number($("mic-character").value);
+  if (dc && dc.readyState === "open") send({ type: "mic", character: state.micCharacter });
+}
+
+function describeShot(sh) {
+  const gestures = sh.gestures.map((g) => `${g.kind}@${g.at.toFixed(1)}s`).join(", ") || "none";
+  return `shot: ${sh.start.toFixed(1)}-${sh.end.toFixed(1)}s\n` +
+    `emotion: ${sh.emotion.label} (${sh.emotion.intensity.toFixed(2)})\n` +
+    `gestures: ${gestures}\ngaze: ${sh.gaze}, head motion ${sh.head_motion.toFixed(2)}\n` +
+    `negative: ${sh.negative_prompt || "-"}\nwhy: ${sh.rationale || "-"}`;
+}
+
 function waitForIce(peer) {
   if (peer.iceGatheringState === "complete") return Promise.resolve();
   return new Promise((resolve) => {
@@ -177,21 +205,22 @@ function watchVideo(video) {
 
 function onStats(s) {
   state.lastStats = s;
+  if (s.mic_character != null) state.micCharacter = s.mic_character;
   $("fig-latency").textContent = s.latency_ms == null
     ? `${s.pipeline_delay_ms} ms (delay)` : `${s.latency_ms.toFixed(0)} ms p95 (delay ${s.pipeline_delay_ms} ms)`;
   $("fig-av").textContent = `${s.av_offset_ms.toFixed(1)} ms`;
   $("fig-render").textContent = `${s.render_ms.toFixed(1)} ms / ${s.subclip_ms} ms sub-clip`;
   $("fig-held").textContent = `${s.held_frames} / ${s.late_frames}`;
-  if (s.shot) {
-    const sh = s.shot;
-    const gestures = sh.gestures.map((g) => `${g.kind}@${g.at.toFixed(1)}s`).join(", ") || "none";
+  const shots = s.shots && s.shots.length > 1 ? s.shots : [s.shot];
+  if (shots.some((sh) => sh)) {
     const fallbacks = s.director_fallbacks ? `, ${s.director_fallbacks} fallbacks` : "";
-    $("shot").textContent =
-      `director: ${s.director || "-"} (${s.instructions} instructions${fallbacks})\n` +
-      `shot: ${sh.start.toFixed(1)}-${sh.end.toFixed(1)}s\n` +
-      `emotion: ${sh.emotion.label} (${sh.emotion.intensity.toFixed(2)})\n` +
-      `gestures: ${gestures}\ngaze: ${sh.gaze}, head motion ${sh.head_motion.toFixed(2)}\n` +
-      `negative: ${sh.negative_prompt || "-"}\nwhy: ${sh.rationale || "-"}`;
+    const head = `director: ${s.director || "-"} (${s.instructions} instructions${fallbacks})`;
+    const mic = shots.length > 1 ? `\nmicrophone speaks as ${s.mic_character}` : "";
+    const parts = shots.map((sh, c) => {
+      const who = shots.length > 1 ? `character ${c} (${c === 0 ? "left" : "right"})\n` : "";
+      return who + (sh ? describeShot(sh) : "no plan yet");
+    });
+    $("shot").textContent = `${head}${mic}\n` + parts.join("\n\n");
   }
 }
 
@@ -220,7 +249,10 @@ async function start() {
       if (msg.type === "stats") onStats(msg);
       else if (msg.type === "error") showError(msg.message);
     };
-    dc.onopen = () => { for (const b of ["say", "instruct", "interrupt", "speech"]) $(b).disabled = viewer; };
+    dc.onopen = () => {
+      for (const b of ["say", "instruct", "interrupt", "speech"]) $(b).disabled = viewer;
+      if (state.characters > 1 && Number($("mic-character").value) !== 0) routeMic();
+    };
     const remote = new MediaStream();
     pc.ontrack = (ev) => {
       remote.addTrack(ev.track);
@@ -237,6 +269,7 @@ async function start() {
     await pc.setLocalDescription(await pc.createOffer());
     await waitForIce(pc);
     const avatar = $("avatar").value;
+    showCast(avatar);
     const res = await api(`/v1/sessions${avatar ? `?avatar=${encodeURIComponent(avatar)}` : ""}`, {
       method: "POST",
       headers: { "Content-Type": "application/sdp" },
@@ -277,12 +310,15 @@ function send(msg) {
 }
 
 $("start").onclick = start;
+$("mic-character").onchange = routeMic;
 $("stop").onclick = stop;
 $("interrupt").onclick = () => send({ type: "interrupt" });
 $("say-form").onsubmit = (ev) => {
   ev.preventDefault();
   const text = $("say-text").value.trim();
-  if (text) send({ type: "say", text });
+  if (!text) return;
+  const character = state.characters > 1 ? Number($("say-character").value) : 0;
+  send(character ? { type: "say", text, character } : { type: "say", text });
 };
 $("instruct-form").onsubmit = (ev) => {
   ev.preventDefault();
@@ -303,7 +339,7 @@ $("speech-form").onsubmit = async (ev) => {
     showError(`audio upload failed: ${e.message}`);
   }
 };
-$("avatar").onchange = () => showPreview($("avatar").value);
+$("avatar").onchange = () => { showPreview($("avatar").value); if (!pc) showCast($("avatar").value); };
 $("token").onchange = () => { localStorage.setItem("avatarToken", $("token").value.trim()); loadAvatars(); };
 $("upload-form").onsubmit = async (ev) => {
   ev.preventDefault();

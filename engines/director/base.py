@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from engines.storyline import Shot, Window, default_shot
+
+
+@dataclass(slots=True)
+class CharacterSpeech:
+    """What one character says in a window (see ``PlanRequest`` for the fields)."""
+
+    audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    text: str | None = None
+    utterances: list[tuple[float, float, str]] = field(default_factory=list)
+    recent_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    recent_start: float = 0.0
 
 
 @dataclass(slots=True)
@@ -22,6 +34,12 @@ class PlanRequest:
     window's own audio has not arrived, ``recent_audio`` is the latest audio
     that has (starting at ``recent_start``). ``instructions`` are the host's
     standing instructions, oldest first. ``history`` is the storyline so far.
+
+    Those speech fields are ``character``'s (0 unless the request came from
+    ``of``). An avatar with two faces has ``characters`` = 2, and ``cast``
+    holds every character's speech (character 0 is the leftmost face); a
+    director that knows nothing of characters plans character 0 from the
+    fields above.
     """
 
     session_id: str
@@ -36,6 +54,25 @@ class PlanRequest:
     history: list[Window] = field(default_factory=list)
     avatar_image: np.ndarray | None = None  # RGB uint8 reference portrait
     avatar_id: str = ""
+    character: int = 0  # whose speech the fields above are
+    characters: int = 1
+    cast: list[CharacterSpeech] = field(default_factory=list)  # every character's, when > 1
+
+    def speech_of(self, character: int) -> CharacterSpeech:
+        """What ``character`` says in this window (silence if nothing is known)."""
+        if character < len(self.cast):
+            return self.cast[character]
+        if character == self.character:
+            return CharacterSpeech(self.audio, self.text, self.utterances, self.recent_audio,
+                                   self.recent_start)
+        return CharacterSpeech()
+
+    def of(self, character: int) -> PlanRequest:
+        """This request with ``character``'s speech in the single-character fields."""
+        sp = self.speech_of(character)
+        return dataclasses.replace(self, audio=sp.audio, text=sp.text, utterances=sp.utterances,
+                                   recent_audio=sp.recent_audio, recent_start=sp.recent_start,
+                                   character=character)
 
 
 class Director(abc.ABC):
@@ -76,4 +113,5 @@ class StaticDirector(Director):
             shot = default_shot(request.start, request.end)
         else:
             shot = self._shot.model_copy(update={"start": request.start, "end": request.end})
-        return Window(start=request.start, end=request.end, shots=[shot])
+        shots = [shot.model_copy(update={"character": c}) for c in range(request.characters)]
+        return Window(start=request.start, end=request.end, shots=shots)

@@ -11,6 +11,10 @@ For one window:
    stopping early once nobody changes their mind; the last round is merged by
    priority, then the negative director's limits (and what the portrait
    allows) are applied, and the shot gets its prompts and a rationale.
+
+A two-person avatar gets shots for each character (``Shot.character``), each
+from its own speech: where one is silent while the other speaks, its shot is
+a listener's (eyes on the speaker, small motion, mouth closed).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ LIVE_EVERY_S = 1.5  # a new live transcript once this much new audio has arrived
 LIVE_STALE_S = 6.0  # words older than this no longer speak for what comes next
 MAX_SHOTS = 3
 MAX_INTENSITY_STEP = 0.4  # per shot, unless the emotion changes
+LISTEN_SHARE = 0.3  # a silent shot is a listener's when another character speaks this much of it
 
 
 @dataclass(slots=True)
@@ -97,11 +102,13 @@ class _TranscriptionBudget:
 TRANSCRIPTION_BUDGET = SharedModel("live transcription budget", _TranscriptionBudget)
 
 
-def previous_shot(history: list[Window], start: float) -> Shot | None:
-    """The latest planned shot that ends by ``start`` (what the next one eases from)."""
+def previous_shot(history: list[Window], start: float, character: int = 0) -> Shot | None:
+    """``character``'s latest planned shot that ends by ``start`` (what the next one eases from)."""
     best: Shot | None = None
     for w in history:
         for s in w.shots:
+            if s.character != character:
+                continue
             if s.end <= start + 1e-6 and (best is None or s.end > best.end):
                 best = s
     return best
@@ -155,7 +162,9 @@ class EmbeddedDirector(Director):
         self._directives: _LRU[Directives] = _LRU(64)
         self._transcripts: _LRU[list[Segment]] = _LRU(64)
         self.exchanges: list[Exchange] = []  # the latest windows' exchanges, newest last
-        self._live: tuple[str, float, float, float] | None = None  # text, words span, audio end
+        # the latest live transcript: text, words span, audio end; and whose speech it was
+        self._live: tuple[str, float, float, float] | None = None
+        self._live_character = 0
         self._live_job: Future[tuple[str, float, float, float]] | None = None
 
     async def plan_window(self, request: PlanRequest) -> Window:
@@ -199,14 +208,19 @@ class EmbeddedDirector(Director):
         text = " ".join(s.text for s in segs)
         return text, offset + segs[0].start, offset + segs[-1].end
 
-    def live_transcript(self, audio: np.ndarray, offset: float) -> tuple[str, float, float]:
+    def live_transcript(self, audio: np.ndarray, offset: float, character: int = 0
+                        ) -> tuple[str, float, float]:
         """The latest finished transcript of live audio; starts the next one in the background.
 
         Whisper encodes 30 s whatever the length (~0.5 s of a core here), so live
         audio is transcribed off the planning path, at most one job per session
         at a time, on one process-wide thread with a duty cycle (``LIVE_DUTY``):
         planning stays in milliseconds and transcripts never crowd the renderers.
+        Live audio is one character's at a time (the microphone's): a transcript
+        of another character's speech is not reused for this one.
         """
+        if character != self._live_character:
+            self._live, self._live_character = None, character
         job = self._live_job
         if job is not None and job.done():
             self._live_job = None
@@ -236,16 +250,43 @@ class EmbeddedDirector(Director):
     # --- planning --------------------------------------------------------------------
     def plan_sync(self, req: PlanRequest) -> Window:
         shots: list[Shot] = []
-        prev = previous_shot(req.history, req.start)
-        for ev in self.perceive(req):
+        for c, evidence in enumerate(self.perceive_cast(req)):
+            shots += self.plan_character(req, c, evidence)
+        return Window(start=req.start, end=req.end, shots=shots)
+
+    def plan_character(self, req: PlanRequest, character: int, evidence: list[Evidence]
+                       ) -> list[Shot]:
+        """One character's shots of the window, from its evidence (see ``perceive_cast``)."""
+        shots: list[Shot] = []
+        prev = previous_shot(req.history, req.start, character)
+        for ev in evidence:
             board, rounds = self.debate(ev)
             shot = self.finish(ev, prev, board, rounds)
             shots.append(shot)
             prev = shot
-        return Window(start=req.start, end=req.end, shots=shots)
+        return shots
+
+    def perceive_cast(self, req: PlanRequest) -> list[list[Evidence]]:
+        """Every character's evidence for the window; silent shots while another
+        character speaks are marked as listening to them."""
+        if req.characters <= 1:
+            return [self.perceive(req)]
+        cast = [self.perceive(req.of(c)) for c in range(req.characters)]
+        for c, evidence in enumerate(cast):
+            for ev in evidence:
+                if ev.speaking:
+                    continue
+                heard = [(sum(max(0.0, min(ev.end, o.end) - max(ev.start, o.start))
+                              for o in cast[other] if o.speaking), other)
+                         for other in range(len(cast)) if other != c]
+                share, speaker = max(heard)
+                if share >= LISTEN_SHARE * (ev.end - ev.start):
+                    ev.listening_to = speaker
+        return cast
 
     def perceive(self, req: PlanRequest) -> list[Evidence]:
-        """The window cut into shots, with what every expert may read about each."""
+        """The window cut into shots, with what every expert may read about each
+        (``req.character``'s speech)."""
         start, end = req.start, req.end
         visual = self.visual_facts(req)
         directives = self.directives(req.instructions)
@@ -283,7 +324,7 @@ class EmbeddedDirector(Director):
             if own_audio:
                 transcript, w0, w1 = self.transcript(audio, offset)
             else:  # planning ahead of live audio: the latest transcript, never waiting for one
-                transcript, w0, w1 = self.live_transcript(audio, offset)
+                transcript, w0, w1 = self.live_transcript(audio, offset, req.character)
             if transcript:
                 text_src, words_span = "whisper", (w0, w1)
         out: list[Evidence] = []
@@ -294,7 +335,7 @@ class EmbeddedDirector(Director):
                 reading=read_line(words) if words else None,
                 prosody=prosody if speaking or not prosody.has_speech else None,
                 prosody_offset=offset, words_start=words_span[0], words_end=words_span[1],
-                visual=visual, directives=directives, history=req.history,
+                visual=visual, directives=directives, history=req.history, character=req.character,
             ))
         return out
 
@@ -370,7 +411,8 @@ class EmbeddedDirector(Director):
         shot, changed = apply_limits(shot, limits)
         terms = [t for p in board for t in p.prompt_terms]
         shot = shot.model_copy(update={
-            "prompt": compose_prompt(shot, ev.speaking, terms),
+            "character": ev.character,
+            "prompt": compose_prompt(shot, ev.speaking, terms, ev.listening_to is not None),
             "rationale": self._rationale(shot, board, conflicts, changed, ev)[:500],
         })
         self.exchanges.append(Exchange(ev.start, ev.end, rounds, conflicts, changed + limits.reasons))
@@ -398,9 +440,14 @@ class EmbeddedDirector(Director):
         return "; ".join(parts)
 
 
-def compose_prompt(shot: Shot, speaking: bool, terms: list[str]) -> str:
+def compose_prompt(shot: Shot, speaking: bool, terms: list[str], listening: bool = False) -> str:
     """The positive prompt for generative engines, from the structured shot."""
-    who = "a person talking to the camera" if speaking else "a person listening quietly, mouth closed"
+    if speaking:
+        who = "a person talking to the camera"
+    elif listening:
+        who = "a person listening to the other person speak, mouth closed"
+    else:
+        who = "a person listening quietly, mouth closed"
     parts = [who]
     if shot.emotion.label != EmotionLabel.neutral and shot.emotion.intensity > 0.05:
         k = shot.emotion.intensity
@@ -415,7 +462,8 @@ def compose_prompt(shot: Shot, speaking: bool, terms: list[str]) -> str:
     elif shot.head_motion > 0.7:
         parts.append("lively head motion")
     parts.append({GazeTarget.camera: "looking at the camera", GazeTarget.away: "looking away",
-                  GazeTarget.down: "looking down"}[shot.gaze])
+                  GazeTarget.down: "looking down",
+                  GazeTarget.speaker: "looking at the person speaking"}[shot.gaze])
     parts += terms
     return ", ".join(dict.fromkeys(parts))[:2000]
 

@@ -122,6 +122,8 @@ class Evidence:
     visual: VisualFacts | None = None
     directives: Directives = field(default_factory=Directives)
     history: list[Window] = field(default_factory=list)
+    character: int = 0  # whose shot this is
+    listening_to: int | None = None  # silent while this character speaks (two-person avatars)
 
     def at(self, frac: float) -> float:
         """The pts of a position (0..1) in the transcript."""
@@ -144,6 +146,11 @@ class AudioExpert:
     name = "audio"
 
     def propose(self, ev: Evidence, board: list[Proposal]) -> Proposal:
+        if not ev.speaking and ev.listening_to is not None:
+            return Proposal(expert=self.name, confidence=0.6, emotion=E.neutral, intensity=0.0,
+                            head_motion=0.2, gaze=GazeTarget.speaker,
+                            rationale=f"listening to character {ev.listening_to}: eyes on them, "
+                                      "small motion, mouth closed")
         if not ev.speaking:
             return Proposal(expert=self.name, confidence=0.6, emotion=E.neutral, intensity=0.0,
                             head_motion=0.3, gaze=GazeTarget.camera,
@@ -211,7 +218,7 @@ class VisualExpert:
         terms = [f"{v.framing.value.replace('_', ' ')} portrait", f"{v.lighting} lighting"]
         notes = [f"{v.framing.value}, {v.lighting} light, yaw {v.yaw_deg:.0f} deg"]
         if v.faces > 1:
-            notes.append(f"{v.faces} faces in the photo: the largest speaks")
+            notes.append(f"{v.faces} faces in the photo: each character is planned on its own")
         return Proposal(expert=self.name, confidence=0.6, framing=v.framing, prompt_terms=terms,
                         rationale="; ".join(notes))
 
@@ -367,7 +374,13 @@ class NegativeDirector:
             lim = lim.tighten(Limits(smile_max=0.05))
         if emotion == E.happy:
             lim = lim.tighten(Limits(brow_frown_max=0.2))
-        # 3. known failure modes
+        # 3. a listener moves little and keeps its eyes on the speaker
+        if ev.listening_to is not None and not ev.speaking:
+            lim = lim.tighten(Limits(head_motion_max=0.35, gesture_strength_max=0.4,
+                                     forbid_gestures={GestureKind.shake, GestureKind.lean}))
+            neg += ["looking away from the speaker"]
+            reasons.append(f"listening to character {ev.listening_to}: small motion")
+        # 4. known failure modes
         if not ev.speaking:
             neg += ["mouth moving in silence", "talking", "open mouth"]
         else:

@@ -17,6 +17,10 @@ For one window:
    negative director's hard limits are applied on top (a constraint beats
    both an instruction and an inference, whatever the model said).
 
+On a two-person avatar the exchange plans the window's main speaker (the
+character who speaks most in it; character 0 in silence), and the embedded
+director plans the other character (a listener while the other speaks).
+
 Answers are requested with a JSON schema (``json_schema``, else llama.cpp's
 ``json_object`` + ``schema``, else plain text); an answer that does not
 validate is repaired, then retried once with the error shown to the model.
@@ -265,7 +269,20 @@ class LLMDirector(Director):
 
     async def _plan(self, req: PlanRequest) -> Window:
         loop = asyncio.get_running_loop()
-        evidence = await loop.run_in_executor(None, self.fallback.perceive, req)
+        cast = await loop.run_in_executor(None, self.fallback.perceive_cast, req)
+        lead = max(range(len(cast)), key=lambda c: (
+            sum(e.end - e.start for e in cast[c] if e.speaking), -c))
+        shots = await self._plan_lead(req, lead, cast[lead])
+        for c, evidence in enumerate(cast):
+            if c != lead:  # the other character: the embedded rules (a listener, mostly)
+                shots += await loop.run_in_executor(
+                    None, self.fallback.plan_character, req, c, evidence)
+        shots.sort(key=lambda s: (s.character, s.start))
+        return Window(start=req.start, end=req.end, shots=shots)
+
+    async def _plan_lead(self, req: PlanRequest, character: int, evidence: list[Evidence]
+                         ) -> list[Shot]:
+        """The main speaker's shots: the experts' exchange on its main shot."""
         self.turns = []
         # one exchange per window, on its main shot (the longest speaking one, else the longest)
         main = max(evidence, key=lambda e: (e.speaking, e.end - e.start))
@@ -273,7 +290,7 @@ class LLMDirector(Director):
         negatives = await self._negatives(main, board)
         extra = Limits(negatives=negatives)
         shots: list[Shot] = []
-        prev = previous_shot(req.history, req.start)
+        prev = previous_shot(req.history, req.start, character)
         for ev in evidence:
             if ev is main:
                 posts = [self._to_proposal(name, ans, ev) for name, ans in board.items()]
@@ -283,7 +300,7 @@ class LLMDirector(Director):
                 shot = self.fallback.finish(ev, prev, b, r, extra)
             shots.append(shot)
             prev = shot
-        return Window(start=req.start, end=req.end, shots=shots)
+        return shots
 
     # --- the exchange ----------------------------------------------------------------
     def _facts(self, name: str, ev: Evidence) -> str:

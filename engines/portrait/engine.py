@@ -36,6 +36,7 @@ from engines.portrait.motion import (
     character_seed,
     keyframe_state,
     listening,
+    towards,
 )
 from engines.portrait.rig import (
     CONTROLS,
@@ -179,7 +180,8 @@ class PortraitEngine(Engine):
     def keyframes(self, prepared: PreparedPortrait, shots: Sequence[Shot],
                   times: Sequence[float]) -> list[Keyframe]:
         n = len(prepared.characters)
-        return [Keyframe(pts=t, state=keyframe_state(shots, t, prepared.seed, n)) for t in times]
+        xs = [ch.x for ch in prepared.characters]
+        return [Keyframe(pts=t, state=keyframe_state(shots, t, prepared.seed, n, xs)) for t in times]
 
     def keyframe_image(self, prepared: PreparedPortrait, keyframe: Keyframe,
                        audio: AudioSlice | Sequence[AudioSlice] | None = None) -> np.ndarray:
@@ -199,9 +201,11 @@ class PortraitEngine(Engine):
         plans = [[shots[c]] if c < len(shots) else [default_shot(first.pts, last.pts)]
                  for c in range(n_chars)]
         seeds = [ch.seed for ch in prepared.characters]
+        way = towards([ch.x for ch in prepared.characters])
 
         def planned(t: float) -> np.ndarray:
-            return np.stack([blueprint_controls(plans[c], t, seeds[c]) for c in range(n_chars)])
+            return np.stack([blueprint_controls(plans[c], t, seeds[c], way[c])
+                             for c in range(n_chars)])
 
         # first-last-frame: the plan's own motion plus a linear correction that makes
         # both ends equal the keyframes (zero when keyframes came from the same plan)

@@ -8,7 +8,9 @@ two faces never blink or sway together.
 
 A character who is not speaking listens: its gaze and a little of its head
 turn towards whoever speaks (``listening``), driven by the speaker's recent
-loudness, so it follows the conversation without being planned.
+loudness, so it follows the conversation without being planned. A shot
+planned for a listener (gaze ``speaker``) holds part of that turn through the
+speaker's pauses; the two together never turn further than ``LISTEN_GAZE``.
 """
 
 from __future__ import annotations
@@ -87,8 +89,18 @@ def _gesture_offsets(shot: Shot, t: float) -> tuple[float, float, float, float]:
     return yaw, pitch, roll, scale
 
 
-def blueprint_controls(shots: Sequence[Shot], t: float, seed: int) -> np.ndarray:
-    """The slow controls at time t under a plan: head, expression, gaze, blink."""
+LISTEN_GAZE = 0.9  # gaze towards the speaker (in gaze_x units) at full attention
+LISTEN_YAW = 0.045  # head turn towards the speaker, radians-ish
+PLANNED_LISTEN = 0.6  # share of that gaze a planned listener's shot holds on its own
+
+
+def blueprint_controls(shots: Sequence[Shot], t: float, seed: int, toward: float = 0.0
+                       ) -> np.ndarray:
+    """The slow controls at time t under a plan: head, expression, gaze, blink.
+
+    ``toward`` is where the other character is (-1 left, +1 right, 0 nobody):
+    the way a ``speaker`` gaze looks.
+    """
     shot = next((s for s in reversed(shots) if s.covers(t)), None)
     if shot is None:
         shot = default_shot(t, t + 1.0)
@@ -120,7 +132,10 @@ def blueprint_controls(shots: Sequence[Shot], t: float, seed: int) -> np.ndarray
         gx, gyy = 0.55 + 0.15 * _noise(t, seed + 6, (0.05,)), -0.1
     elif shot.gaze == GazeTarget.down:
         gx, gyy = 0.0, 0.7
-    else:  # camera, with small saccades
+    elif shot.gaze == GazeTarget.speaker and toward:  # a listener's eyes on the other face
+        gx = toward * PLANNED_LISTEN * LISTEN_GAZE + 0.06 * _noise(t, seed + 7, (0.21, 0.43))
+        gyy = 0.04 * _noise(t, seed + 8, (0.17, 0.39))
+    else:  # camera (or a speaker gaze with nobody to look at), with small saccades
         gx = 0.12 * _noise(t, seed + 7, (0.21, 0.43))
         gyy = 0.08 * _noise(t, seed + 8, (0.17, 0.39))
     c[IDX["gaze_x"]] = gx
@@ -141,14 +156,20 @@ def shots_of(shots: Sequence[Shot], character: int) -> list[Shot]:
     return [s for s in shots if s.character == character]
 
 
-def keyframe_state(shots: Sequence[Shot], t: float, seed: int, characters: int) -> np.ndarray:
-    """The blueprint state at ``t``: one row of slow controls per character."""
-    return np.stack([blueprint_controls(shots_of(shots, c), t, character_seed(seed, c))
+def towards(xs: Sequence[float]) -> list[float]:
+    """For each face (by x position), where the other one is: -1 left, +1 right, 0 alone."""
+    if len(xs) < 2:
+        return [0.0] * len(xs)
+    return [1.0 if xs[1 - c] > xs[c] else -1.0 for c in range(2)]
+
+
+def keyframe_state(shots: Sequence[Shot], t: float, seed: int, characters: int,
+                   xs: Sequence[float] = ()) -> np.ndarray:
+    """The blueprint state at ``t``: one row of slow controls per character (``xs``: each
+    face's x position, for who looks at whom)."""
+    way = towards(xs) if len(xs) == characters else [0.0] * characters
+    return np.stack([blueprint_controls(shots_of(shots, c), t, character_seed(seed, c), way[c])
                      for c in range(characters)])
-
-
-LISTEN_GAZE = 0.9  # gaze towards the speaker (in gaze_x units) at full attention
-LISTEN_YAW = 0.045  # head turn towards the speaker, radians-ish
 
 
 def listening(controls: np.ndarray, levels: Sequence[float], xs: Sequence[float]) -> None:
@@ -166,6 +187,11 @@ def listening(controls: np.ndarray, levels: Sequence[float], xs: Sequence[float]
             if attention <= 0.0:
                 continue
             toward = 1.0 if xs[o] > xs[c] else -1.0
-            controls[c, IDX["gaze_x"]] += toward * LISTEN_GAZE * attention
+            # as far as the louder of the two asks: the planned hold or the speaker's voice
+            held = toward * float(controls[c, IDX["gaze_x"]])
+            if held > 0.0:
+                controls[c, IDX["gaze_x"]] = toward * max(held, LISTEN_GAZE * attention)
+            else:
+                controls[c, IDX["gaze_x"]] += toward * LISTEN_GAZE * attention
             controls[c, IDX["gaze_y"]] *= 1.0 - 0.6 * attention
             controls[c, IDX["yaw"]] += toward * LISTEN_YAW * attention

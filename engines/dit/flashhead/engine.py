@@ -61,7 +61,14 @@ from engines.base import AUDIO_RATE, AudioSlice, Avatar, Engine, Keyframe
 from engines.dit.flashhead.loading import FLASHHEAD_REPO, WAV2VEC_REPO
 from engines.dit.flashhead.pipeline import ChunkSettings, FlashHead, Reference, video_to_frames
 from engines.portrait import IDX, N_BLUEPRINT, PortraitEngine, PreparedPortrait, blueprint_controls
-from engines.portrait.motion import _gesture_offsets, character_seed, shots_of
+from engines.portrait.motion import (
+    LISTEN_GAZE,
+    PLANNED_LISTEN,
+    _gesture_offsets,
+    character_seed,
+    shots_of,
+    towards,
+)
 from engines.storyline import GazeTarget, Shot, default_shot, shot_face
 
 logger = logging.getLogger(__name__)
@@ -76,7 +83,7 @@ CONTROL_STEP = 0.02
 
 POSE = ("yaw", "pitch", "roll", "tx", "ty", "scale")
 GAZE = {GazeTarget.camera: (0.0, 0.0), GazeTarget.away: (0.55, -0.1), GazeTarget.down: (0.0, 0.7)}
-"""Gaze controls per target (the portrait rig's, without its saccades)."""
+"""Gaze controls per target (the portrait rig's, without its saccades); ``speaker``: see below."""
 
 
 @dataclass(slots=True)
@@ -117,25 +124,34 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def reference_controls(shots: Sequence[Shot], t: float, seed: int, characters: int) -> np.ndarray:
+def reference_controls(
+    shots: Sequence[Shot], t: float, seed: int, characters: int, xs: Sequence[float] = ()
+) -> np.ndarray:
     """The slow controls a chunk's reference is rendered with: the plan at ``t`` without motion.
 
-    The planned face (eased between shots), the gaze target, and the held head
-    pose of tilt and lean gestures; no idle sway, nods or shakes (FlashHead
-    makes its own head motion), no blink (a reference caught mid-blink would
-    close the eyes of a whole chunk), the mouth closed (the audio opens it).
+    The planned face (eased between shots), the gaze target (``speaker``: the
+    other face's way, ``xs`` being each face's x position; the camera when
+    alone), and the held head pose of tilt and lean gestures; no idle sway,
+    nods or shakes (FlashHead makes its own head motion), no blink (a reference
+    caught mid-blink would close the eyes of a whole chunk), the mouth closed
+    (the audio opens it).
     """
     out = np.zeros((characters, N_BLUEPRINT), np.float32)
+    way = towards(xs) if len(xs) == characters else [0.0] * characters
     for c in range(characters):
         mine = shots_of(shots, c)
-        controls = blueprint_controls(mine, t, character_seed(seed, c))
+        controls = blueprint_controls(mine, t, character_seed(seed, c), way[c])
         shot = next((s for s in reversed(mine) if s.covers(t)), None) or default_shot(t, t + 1.0)
         _, _, roll, scale = _gesture_offsets(shot, t)
         for name in POSE:
             controls[IDX[name]] = 0.0
         controls[IDX["roll"]], controls[IDX["scale"]] = roll, scale
         controls[IDX["blink"]] = 0.8 * max(-shot_face(shot)[3], 0.0)  # a planned squint stays
-        controls[IDX["gaze_x"]], controls[IDX["gaze_y"]] = GAZE[shot.gaze]
+        if shot.gaze == GazeTarget.speaker:
+            gaze = (way[c] * PLANNED_LISTEN * LISTEN_GAZE, 0.0)
+        else:
+            gaze = GAZE.get(shot.gaze, GAZE[GazeTarget.camera])
+        controls[IDX["gaze_x"]], controls[IDX["gaze_y"]] = gaze
         out[c] = np.round(controls / CONTROL_STEP) * CONTROL_STEP
     return out
 
@@ -186,8 +202,7 @@ class FlashHeadEngine(Engine):
     def prepare(self, avatar: Avatar) -> FlashHeadPrepared:
         portrait = self.rig.prepare(avatar)
         prepared = FlashHeadPrepared(avatar.id, portrait, self._to_chunk_size(portrait.image), portrait.seed)
-        n = self.rig.characters(portrait)
-        self._reference(prepared, reference_controls([], 0.0, prepared.seed, n))  # the neutral plan
+        self._reference(prepared, self._controls(prepared, [], 0.0))  # the neutral plan
         return prepared
 
     def idle_frame(self, prepared: FlashHeadPrepared) -> np.ndarray:
@@ -198,6 +213,11 @@ class FlashHeadEngine(Engine):
         if image.shape[:2] == (h, w):
             return image
         return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+
+    @staticmethod
+    def _controls(prepared: FlashHeadPrepared, shots: Sequence[Shot], t: float) -> np.ndarray:
+        faces = prepared.portrait.characters
+        return reference_controls(shots, t, prepared.seed, len(faces), [ch.x for ch in faces])
 
     def _reference(self, prepared: FlashHeadPrepared, controls: np.ndarray) -> tuple[np.ndarray, Reference]:
         """The rig's render of ``controls`` at the chunk size and its encoding (cached)."""
@@ -227,10 +247,9 @@ class FlashHeadEngine(Engine):
         times = [float(t) for t in times]
         if any(b <= a for a, b in zip(times, times[1:], strict=False)):
             raise ValueError(f"keyframe times must increase strictly, got {times}")
-        n = len(prepared.portrait.characters)
         out = []
         for t in times:
-            controls = reference_controls(shots, t, prepared.seed, n)
+            controls = self._controls(prepared, shots, t)
             image, reference = self._reference(prepared, controls)
             out.append(Keyframe(pts=t, state=ChunkKeyframe(controls, reference), image=image))
         return out
@@ -254,9 +273,8 @@ class FlashHeadEngine(Engine):
         shots: Sequence[Shot],
     ) -> list[np.ndarray]:
         n = self.frames_between(first, last)
-        if not audios:
-            raise ValueError("subclip needs the audio slice of its interval")
-        audio = audios[0]
+        # the voice of the face FlashHead animates (none given: silence)
+        audio = audios[0] if audios else AudioSlice(start=first.pts, samples=np.zeros(0, np.float32))
         start_state, end_state = self._state(first), self._state(last)
         fh, fps, new = self.model, self.fps, self.new_frames
         chunks = math.ceil(n / new)
@@ -376,9 +394,8 @@ def build_flashhead_engine(
     choices = select_flashhead_backends(fh, backend=backend, engines_dir=trt_engines)
     engine.use_backends({name: c.backend for name, c in choices.items()})
     logger.info(
-        "%s; a chunk renders once its %.2f s of audio are in: serve with --subclip-frames %d and a "
-        "--delay-ms of at least %d plus a chunk's render time (bench/flashhead_gpu.py)",
-        engine.describe(), engine.new_frames / engine.fps, engine.new_frames,
-        round(1000 * engine.new_frames / engine.fps),
+        "%s; a chunk renders once its %.2f s of audio are in: serve with a --delay-ms of at least %d "
+        "plus a chunk's render time (bench/flashhead_gpu.py)",
+        engine.describe(), engine.new_frames / engine.fps, round(1000 * engine.new_frames / engine.fps),
     )  # fmt: skip
     return engine
