@@ -76,7 +76,7 @@ def flashhead_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
         root, "--engine", "flashhead", "--weights", str(weights),
         "--wav2vec", str(root / "published" / "wav2vec2-base-960h"), "--device", "cpu",
         "--dtype", "fp32", "--flashhead-size", f"{SIZE}x{SIZE}", "--director", "static",
-        "--delay-ms", str(int(DELAY_S * 1000)), "--subclip-frames", str(CHUNK), "--max-sessions", "1",
+        "--delay-ms", str(int(DELAY_S * 1000)), "--max-sessions", "1",
         "--consent-interval", "0.5", "--consent-failures", "3", ready_within=240.0,
     )  # fmt: skip
     with proc:
