@@ -15,12 +15,18 @@ weights make no face, so what is checked is what the stream carries:
   chunk, then one speaks and the other stays silent. Their first chunks match;
   their second chunks differ, far more than the codec's own noise.
 
+Without the published files ``avatar serve`` refuses to start, naming what is
+missing and where it is published.
+
 The playout delay (10 s) lets the first two chunks, rendered one after the
 other at well under real time, arrive before they are due on a loaded CPU.
 """
 
 from __future__ import annotations
 
+import pathlib
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +35,7 @@ import numpy as np
 import pytest
 from aiortc.mediastreams import MediaStreamError
 
-from server.launch import ServerProcess
+from server.launch import ROOT, ServerProcess, free_port
 from server.peer import RATE, AvatarPeer
 from tests.flashhead_layout import write_published_layout
 from tests.helpers import speech
@@ -140,3 +146,16 @@ async def test_random_checkpoint_streams_over_webrtc_driven_by_its_audio(
         f"{stats_a['clips_skipped']} / {stats_b['clips_skipped']}; |A-B| first chunk {same:.2f}, "
         f"second {different:.2f}"
     )
+
+
+def test_serve_without_the_published_files_refuses_to_start_and_says_what_is_missing(
+    tmp_path: pathlib.Path,
+) -> None:
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--engine", "flashhead", "--device", "cpu",
+           "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
+           "--weights", str(tmp_path / "nowhere"), "--wav2vec", str(tmp_path / "nowhere")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    assert "the weights folder" in out and "huggingface.co/Soul-AILab/SoulX-FlashHead-1_3B" in out
+    assert "huggingface.co/facebook/wav2vec2-base-960h" in out
