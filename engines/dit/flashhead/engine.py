@@ -309,10 +309,10 @@ class FlashHeadEngine(Engine):
             t0 = start + j * new / fps
             history = np.concatenate([history, audio.window(t0, t0 + new / fps)])[-self.history :]
             chunk = fh.next_chunk(end_state.reference, history, motion, generator=gen)
-            video = video_to_frames(chunk.video)
+            video = video_to_frames(chunk.video[:, :, fh.motion_frames - 1 :])  # the last old frame, the new
             if head is None:
-                head = video[fh.motion_frames - 1]
-            frames.extend(video[fh.motion_frames :])
+                head = video[0]
+            frames.extend(video[1:])
             motion = chunk.motion_frames
         assert head is not None and motion is not None
         out = [head, *frames][-(n + 1) :]
