@@ -20,6 +20,26 @@ Two more things the scheduler needs, declared by every engine:
   waste (a video VAE that codes frames four at a time generates four frames
   whatever it is asked for). The scheduler never asks for fewer.
 
+Chunk engines (``chunked = True``, e.g. ``flashhead``) generate video that
+continues from the last frames they generated, not towards a given last
+frame: SoulX-FlashHead's chunks start from the previous chunk's final frames
+and cannot be made to end on a pre-rendered image. For them the first-last
+frame rule reads differently, and nothing else changes:
+
+* keyframes are the plan's conditioning of the sub-clips that reach them
+  (for ``flashhead`` the reference image the chunk is generated from), not
+  frames the sub-clip must show;
+* the join stays exact the other way round: frame ``n`` of sub-clip ``i`` is
+  frame 0 of sub-clip ``i + 1`` because the second continues from the first.
+  What a sub-clip continues from travels in the keyframe the two share
+  (``last.state`` is the next ``first.state``), so it is per stream;
+* sub-clips therefore render in order (one worker); one whose predecessor is
+  missing (skipped, failed, still running) starts afresh from its keyframe;
+* ``min_subclip_frames`` is the chunk's count of new frames, and a sub-clip
+  should be a whole number of chunks.
+
+The scheduler drives both kinds the same way (frame pts, playout, skipping).
+
 Frames are RGB ``uint8`` arrays of shape ``(height, width, 3)``.
 """
 
@@ -112,6 +132,8 @@ class Engine(abc.ABC):
     name: str = "engine"
     min_subclip_frames: int = 1
     """The fewest frame intervals between two keyframes this engine renders without waste."""
+    chunked: bool = False
+    """A chunk engine: sub-clips continue from the one before instead of ending on their last keyframe."""
 
     def __init__(self, *, fps: int = 25, size: tuple[int, int] = (512, 512)) -> None:
         if fps <= 0:

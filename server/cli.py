@@ -16,7 +16,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p = sub.add_parser("serve", help="start the avatar server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--engine", default="portrait", choices=["portrait", "dit"])
+    p.add_argument("--engine", default="portrait", choices=["portrait", "dit", "flashhead"])
     p.add_argument("--avatar", type=Path, help="portrait photo (JPEG/PNG) used by default")
     p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
                    help="gather ICE host candidates only on ADDR (repeatable)")
@@ -48,14 +48,24 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--llm-timeout", type=float, default=8.0,
                    help="llm director: seconds per window before the embedded director takes over")
     p.add_argument("--llm-rounds", type=int, default=2, help="llm director: rounds of expert exchange")
-    p.add_argument("--weights", type=Path, help="dit: local checkpoint folder")
+    p.add_argument("--weights", type=Path,
+                   help="dit: local checkpoint folder; flashhead: the published "
+                        "SoulX-FlashHead-1_3B folder")
+    p.add_argument("--wav2vec", type=Path,
+                   help="flashhead: the published facebook/wav2vec2-base-960h folder")
+    p.add_argument("--model", default="pro", choices=["pro", "lite"],
+                   help="flashhead: Model_Pro (quality) or Model_Lite (speed)")
+    p.add_argument("--flashhead-size", default="512x512", metavar="WxH",
+                   help="flashhead: video size (512x512 as trained; smaller for tiny test checkpoints)")
     p.add_argument("--random-weights", action="store_true",
-                   help="dit: random weights, for throughput tests only")
+                   help="dit, flashhead: random weights, for throughput tests only")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--dit-backend", default="auto", choices=["auto", "tensorrt", "compile", "eager"],
-                   help="dit: per stage a TensorRT engine, else torch.compile (GPU), else eager (auto)")
-    p.add_argument("--trt-engines", type=Path, help="dit: TensorRT engine folder (avatar trt build)")
+                   help="dit, flashhead: per network a TensorRT engine, else torch.compile (GPU), "
+                        "else eager (auto)")
+    p.add_argument("--trt-engines", type=Path,
+                   help="dit, flashhead: TensorRT engine folder (avatar trt build)")
     p.add_argument("--consent-interval", type=float, default=2.0,
                    help="seconds between ICE consent checks")
     p.add_argument("--consent-failures", type=int, default=5,
@@ -67,7 +77,9 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """What ``create_engine`` takes besides the name, as JSON for the session workers."""
     return {"weights": str(args.weights) if args.weights else None, "random_weights": args.random_weights,
             "device": args.device, "dtype": args.dtype, "dit_backend": args.dit_backend,
-            "trt_engines": str(args.trt_engines) if args.trt_engines else None}
+            "trt_engines": str(args.trt_engines) if args.trt_engines else None,
+            "wav2vec": str(args.wav2vec) if args.wav2vec else None, "model": args.model,
+            "size": args.flashhead_size}
 
 
 def serve(args: argparse.Namespace) -> int:

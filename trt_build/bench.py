@@ -69,8 +69,11 @@ def _row(
     backend: str,
     graph: bool,
     samples: Sequence[float],
+    batch: int | None = None,
 ) -> BenchRow:
-    batch = int(next(iter(shapes.values()))[0])
+    """``batch``: the batch axis' value; by default the first input's first dimension."""
+    if batch is None:
+        batch = int(next(iter(shapes.values()))[0])
     med = median(samples)
     text = " ".join(f"{n}={'x'.join(map(str, s))}" for n, s in shapes.items())
     row = BenchRow(
@@ -125,9 +128,9 @@ def bench_tensorrt(
             for graph in cuda_graphs:
                 call = functools.partial(engine.infer, feed, cuda_graph=graph)
                 samples = _measure(call, device, warmup, iters)
-                rows.append(
-                    _row(entry.stage, entry.variant, entry.profile, point, shapes, "tensorrt", graph, samples)
-                )
+                batch = entry.axes["batch"][i] if "batch" in entry.axes else 1  # FlashHead's have none
+                what = (entry.stage, entry.variant, entry.profile, point, shapes)
+                rows.append(_row(*what, "tensorrt", graph, samples, batch))
         torch.cuda.empty_cache()
     return rows
 
@@ -173,6 +176,7 @@ def bench_torch(
                         backend,
                         backend == "cudagraphs",
                         samples,
+                        axes.get("batch", 1),
                     )
                 )
     return rows
@@ -234,6 +238,7 @@ def bench_onnxruntime(
                         "onnxruntime",
                         False,
                         samples,
+                        axes.get("batch", 1),
                     )
                 )
     return rows

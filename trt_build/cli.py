@@ -11,6 +11,15 @@ From a checkpoint folder to validated engines and a latency table::
     avatar trt bench   --engines engines --json bench.json
     avatar serve --engine dit --weights W --trt-engines engines
 
+SoulX-FlashHead (``--engine flashhead``, the published folder as ``--weights``;
+its DiT and the Wan VAE encoder and decoder, at the fixed shapes of a chunk)::
+
+    avatar trt export --engine flashhead --weights FH --out onnx --dtype bf16
+    avatar trt export --engine flashhead --weights FH --out onnx --dtype fp32   # for check
+    avatar trt check  --engine flashhead --weights FH --onnx onnx
+    avatar trt build  --onnx onnx --engines engines --precision bf16
+    avatar serve --engine flashhead --weights FH --wav2vec W2V --trt-engines engines
+
 Exit codes: 0 ok, 1 a check failed, 2 a usage or environment error (the
 message says what is missing and what to do).
 """
@@ -38,12 +47,28 @@ class CliError(Exception):
 def _model_args(p: argparse.ArgumentParser, dtype_default: str | None = "fp32") -> None:
     g = p.add_argument_group("model")
     g.add_argument(
-        "--weights", type=pathlib.Path, help="local checkpoint folder (see engines/dit/loading.py)"
+        "--engine",
+        default="dit",
+        choices=["dit", "flashhead"],
+        help="whose networks: the dit engine's (default) or SoulX-FlashHead's",
+    )
+    g.add_argument(
+        "--weights",
+        type=pathlib.Path,
+        help="local checkpoint folder (dit: see engines/dit/loading.py; flashhead: the published "
+        "SoulX-FlashHead-1_3B folder)",
+    )
+    g.add_argument(
+        "--model", default="pro", choices=["pro", "lite"], help="flashhead: Model_Pro or Model_Lite"
     )
     g.add_argument(
         "--random-weights", action="store_true", help="random weights of a preset (tests, throughput)"
     )
-    g.add_argument("--config", default="1.3b", help="preset for --random-weights: tiny or 1.3b")
+    g.add_argument(
+        "--config",
+        default="1.3b",
+        help="preset for --random-weights: tiny or 1.3b (flashhead: 1.3b is its published sizes)",
+    )
     g.add_argument(
         "--dtype",
         default=dtype_default,
@@ -77,6 +102,8 @@ def _load_components(args: argparse.Namespace, timings_dir: pathlib.Path | None)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {args.device}: no CUDA GPU here; use --device cpu")
     dtype = parse_dtype(args.dtype)
+    if getattr(args, "engine", "dit") == "flashhead":
+        return _load_flashhead(args, dtype)
     if args.random_weights:
         with task(f"random {args.config} weights", log=logger):
             try:
@@ -110,6 +137,36 @@ def _load_components(args: argparse.Namespace, timings_dir: pathlib.Path | None)
             raise CliError(f"cannot load weights from {folder}: {exc}") from None
     timings.record(kind, size, time.monotonic() - start)
     return components, str(folder.resolve())
+
+
+def _load_flashhead(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Any, str]:
+    """FlashHead's DiT and VAE (no audio encoder: it is not exported)."""
+    from engines.dit.flashhead.networks import load_networks, random_networks
+    from engines.dit.loading import CheckpointError
+    from trt_build.progress import task
+
+    if args.random_weights:
+        if args.config not in ("tiny", "1.3b"):
+            raise CliError(f"--config {args.config!r}: flashhead has tiny or 1.3b (the published sizes)")
+        tiny = args.config == "tiny"
+        with task(f"random FlashHead {args.model} networks ({args.config})", log=logger):
+            nets = random_networks(
+                args.model, dtype=dtype, device=args.device, num_layers=2 if tiny else None,
+                ffn_dim=64 if tiny else None, vae_base=8 if tiny else 96,
+            )  # fmt: skip
+        return nets, f"random:flashhead-{args.model}:{args.config}"
+    if args.weights is None:
+        raise CliError(
+            "give the model: --weights DIR (the published SoulX-FlashHead-1_3B folder), or "
+            "--random-weights --config tiny|1.3b"
+        )
+    folder = pathlib.Path(args.weights)
+    with task(f"loading FlashHead {args.model} from {folder}", log=logger):
+        try:
+            nets = load_networks(folder, args.model, dtype=dtype, device=args.device)
+        except (CheckpointError, ValueError, OSError) as exc:
+            raise CliError(f"cannot load FlashHead weights from {folder}: {exc}") from None
+    return nets, f"{folder.resolve()}:{args.model}"
 
 
 def _profiles(
@@ -161,6 +218,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 def cmd_profile(args: argparse.Namespace) -> int:
     from engines.dit.tensorrt.spec import save_profiles, serving_profiles
 
+    if args.engine == "flashhead":
+        return _flashhead_profile(args)
     components = _config_only(args)
     try:
         profiles = serving_profiles(
@@ -171,6 +230,37 @@ def cmd_profile(args: argparse.Namespace) -> int:
             characters=args.characters,
             cfg=args.cfg,
         )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    save_profiles(profiles, args.output)
+    sys.stdout.write(_profile_table(profiles))
+    logger.info("wrote %d profiles to %s", len(profiles), args.output)
+    return 0
+
+
+def _flashhead_profile(args: argparse.Namespace) -> int:
+    """FlashHead's fixed chunk shapes at ``--sizes`` (strides from the config, not the weights)."""
+    from engines.dit.flashhead.loading import LayoutError, model_files, read_transformer_config
+    from engines.dit.flashhead.networks import PUBLISHED_CONFIGS
+    from engines.dit.tensorrt.flashhead import flashhead_profiles
+    from engines.dit.tensorrt.spec import save_profiles
+
+    if args.random_weights:
+        config = PUBLISHED_CONFIGS["pro" if args.model == "pro" else "lite"]
+    elif args.weights is None:
+        raise CliError("give --weights DIR (its config is read, not its weights) or --random-weights")
+    else:
+        try:
+            _, dit, _ = model_files(args.weights, args.model)
+            config = read_transformer_config(dit / "config.json")
+        except (LayoutError, ValueError) as exc:
+            raise CliError(str(exc)) from None
+    stride = [int(v) for v in config["vae_stride"]]
+    try:
+        profiles = flashhead_profiles(
+            args.model, spatial_stride=stride[1], temporal_stride=stride[0],
+            sizes=_parse_sizes(args.sizes) or [(512, 512)],
+        )  # fmt: skip
     except ValueError as exc:
         raise CliError(str(exc)) from None
     save_profiles(profiles, args.output)
@@ -399,7 +489,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         )
     try:
         profiles, _ = _profiles(args, None, onnx_dir)
-        stages = parse_stages(args.stages)
+        stages = None if args.stages == "all" else parse_stages(args.stages)  # all: every profile
         manifest = Manifest.load(args.engines)
     except (ProfileError, ValueError, ManifestError) as exc:
         raise CliError(str(exc)) from None
@@ -668,7 +758,11 @@ def parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("profile", help="write a profile file for the sizes and sub-clip lengths you serve")
     _model_args(q)
-    q.add_argument("--sizes", help="keyframe sizes WIDTHxHEIGHT, comma-separated (default: engine.json's)")
+    q.add_argument(
+        "--sizes",
+        help="keyframe sizes WIDTHxHEIGHT, comma-separated (default: engine.json's; flashhead: the "
+        "chunk size, 512x512)",
+    )
     q.add_argument(
         "--subclip-frames", default="2", help="sub-clip lengths served (--subclip-frames), e.g. 2,4,8"
     )

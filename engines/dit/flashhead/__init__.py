@@ -1,7 +1,9 @@
 """SoulX-FlashHead-1_3B: a Wan2.1 DiT with per-frame audio cross-attention, 4 distilled steps.
 
 Loaded from the published folders as they are (see :mod:`.loading`); the
-parts keep the reference's tensor conventions (see :mod:`.pipeline`).
+parts keep the reference's tensor conventions (see :mod:`.pipeline`). The
+``flashhead`` engine (:mod:`.engine`) streams it through the cascade; its
+networks' backends (TensorRT, ``torch.compile``) are chosen in :mod:`.backend`.
 """
 
 from engines.dit.flashhead.audio import Wav2Vec2Features, audio_windows
@@ -14,6 +16,7 @@ from engines.dit.flashhead.loading import (
     load_transformer,
     published_files,
 )
+from engines.dit.flashhead.networks import FlashHeadNetworks, load_networks, random_networks
 from engines.dit.flashhead.pipeline import Chunk, ChunkSettings, FlashHead, Reference, video_to_frames
 from engines.dit.flashhead.sampler import denoise, renoise_step, sampling_timesteps
 from engines.dit.flashhead.transformer import FlashHeadTransformer, transformer_flops
@@ -25,6 +28,7 @@ __all__ = [
     "ChunkSettings",
     "FlashHead",
     "FlashHeadFiles",
+    "FlashHeadNetworks",
     "FlashHeadTransformer",
     "LayoutError",
     "Reference",
@@ -32,8 +36,10 @@ __all__ = [
     "audio_windows",
     "color_correct",
     "denoise",
+    "load_networks",
     "load_transformer",
     "published_files",
+    "random_networks",
     "renoise_step",
     "sampling_timesteps",
     "transformer_flops",

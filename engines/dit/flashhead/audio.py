@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,15 +39,29 @@ class Wav2Vec2Features:
         import transformers
 
         folder = pathlib.Path(folder)
-        self.model = transformers.Wav2Vec2Model.from_pretrained(folder, local_files_only=True)
+        model = transformers.Wav2Vec2Model.from_pretrained(folder, local_files_only=True)
+        extractor = transformers.Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
+        self._setup(model, extractor, device, str(folder))
+
+    @classmethod
+    def from_modules(
+        cls, model: Any, extractor: Any, *, device: torch.device | str = "cpu"
+    ) -> Wav2Vec2Features:
+        """From a ``transformers.Wav2Vec2Model`` and its feature extractor (e.g. random, for benchmarks)."""
+        self = cls.__new__(cls)
+        self._setup(model, extractor, device, type(model).__name__)
+        return self
+
+    def _setup(self, model: Any, extractor: Any, device: torch.device | str, where: str) -> None:
+        self.model = model
         torch.nn.Module.to(self.model, device=device, dtype=torch.float32)
         self.model.eval().requires_grad_(False)
         if self.model.config.do_stable_layer_norm:
             raise ValueError(
-                f"{folder}: a stable-layer-norm wav2vec2 (large) is not what FlashHead was trained on "
+                f"{where}: a stable-layer-norm wav2vec2 (large) is not what FlashHead was trained on "
                 "(facebook/wav2vec2-base-960h)"
             )
-        self.extractor = transformers.Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
+        self.extractor = extractor
         self.device = torch.device(device)
         self.layers = int(self.model.config.num_hidden_layers)
         self.hidden = int(self.model.config.hidden_size)

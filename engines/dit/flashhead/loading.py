@@ -64,27 +64,47 @@ def _required(model: ModelName) -> tuple[str, str, tuple[str, ...]]:
     return "Model_Lite", "VAE_LTX", ("VAE_LTX/config.json", f"VAE_LTX/{WEIGHTS_NAME}")
 
 
-def published_files(weights: pathlib.Path, wav2vec: pathlib.Path, model: str) -> FlashHeadFiles:
-    """The files ``model`` needs, or a :class:`LayoutError` naming every one that is missing."""
+def model_name(model: str) -> ModelName:
     if model not in MODELS:
         raise ValueError(f"model {model!r} is not one of {', '.join(MODELS)}")
-    name: ModelName = "pro" if model == "pro" else "lite"
-    weights, wav2vec = pathlib.Path(weights), pathlib.Path(wav2vec)
-    dit, vae, vae_files = _required(name)
-    problems = []
+    return "pro" if model == "pro" else "lite"
+
+
+def _weights_problems(weights: pathlib.Path, name: ModelName) -> list[str]:
+    dit, _, vae_files = _required(name)
     if not weights.is_dir():
-        problems.append(f"the weights folder {weights} does not exist")
-    else:
-        missing = [
-            p
-            for p in (f"{dit}/config.json", f"{dit}/{WEIGHTS_NAME}", *vae_files)
-            if not (weights / p).is_file()
+        return [
+            f"the weights folder {weights} does not exist (the {FLASHHEAD_REPO} folder, published at "
+            f"https://huggingface.co/{FLASHHEAD_REPO})"
         ]
-        if missing:
-            problems.append(
-                f"{weights} is not the published {FLASHHEAD_REPO} layout for --model {name}: missing "
-                f"{', '.join(missing)} (published at https://huggingface.co/{FLASHHEAD_REPO})"
-            )
+    missing = [
+        p for p in (f"{dit}/config.json", f"{dit}/{WEIGHTS_NAME}", *vae_files) if not (weights / p).is_file()
+    ]
+    if missing:
+        return [
+            f"{weights} is not the published {FLASHHEAD_REPO} layout for --model {name}: missing "
+            f"{', '.join(missing)} (published at https://huggingface.co/{FLASHHEAD_REPO})"
+        ]
+    return []
+
+
+def model_files(weights: pathlib.Path, model: str) -> tuple[ModelName, pathlib.Path, pathlib.Path]:
+    """``(model, DiT folder, VAE path)`` of one published model (no audio encoder needed)."""
+    name = model_name(model)
+    weights = pathlib.Path(weights)
+    problems = _weights_problems(weights, name)
+    if problems:
+        raise LayoutError("; ".join(problems))
+    dit, vae, _ = _required(name)
+    return name, weights / dit, weights / vae
+
+
+def published_files(weights: pathlib.Path, wav2vec: pathlib.Path, model: str) -> FlashHeadFiles:
+    """The files ``model`` needs, or a :class:`LayoutError` naming every one that is missing."""
+    name = model_name(model)
+    weights, wav2vec = pathlib.Path(weights), pathlib.Path(wav2vec)
+    dit, vae, _ = _required(name)
+    problems = _weights_problems(weights, name)
     if not wav2vec.is_dir():
         problems.append(
             f"the wav2vec2 folder {wav2vec} does not exist "

@@ -19,34 +19,33 @@ continues from the reference image itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pathlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from engines.dit.flashhead.audio import Wav2Vec2Features, audio_windows
 from engines.dit.flashhead.color import color_correct
-from engines.dit.flashhead.loading import ModelName, load_transformer, published_files
-from engines.dit.flashhead.sampler import denoise, sampling_timesteps
+from engines.dit.flashhead.loading import ModelName, published_files
+from engines.dit.flashhead.networks import VideoVAE, load_networks, random_networks, random_wav2vec2
+from engines.dit.flashhead.sampler import Velocity, denoise, sampling_timesteps
 from engines.dit.flashhead.transformer import AUDIO_CHANNELS, AUDIO_LAYERS, FlashHeadTransformer
 
 logger = logging.getLogger(__name__)
 
+StageTimer = Callable[[str], AbstractContextManager[Any]]
+"""``timer(stage)`` -> a context manager around one stage of a chunk (benchmarks time them)."""
 
-class VideoVAE(Protocol):
-    z_dim: int
-    temporal_stride: int
-    spatial_stride: int
-    dtype: torch.dtype
-    device: torch.device
 
-    def encode(self, video: torch.Tensor) -> torch.Tensor: ...
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+def _untimed(stage: str) -> AbstractContextManager[Any]:
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +130,8 @@ class FlashHead:
         self.settings = settings or ChunkSettings()
         self.dtype = transformer.patch_embedding.weight.dtype
         self.device = transformer.patch_embedding.weight.device
+        self.forward: Velocity = transformer.__call__
+        """What runs the DiT: the module itself, or a compiled or TensorRT forward (``.backend``)."""
 
     @classmethod
     def from_pretrained(
@@ -152,22 +153,32 @@ class FlashHead:
                 "(slow: for tests and tiny checkpoints)"
             )
         files = published_files(pathlib.Path(path), pathlib.Path(wav2vec), model)
-        transformer = load_transformer(files.transformer, dtype=dtype, device=device)
-        vae: VideoVAE
-        if files.model == "pro":
-            from engines.dit.flashhead.vae_wan import WanVAE
-
-            vae = WanVAE.from_pth(files.vae, dtype=dtype, device=device)
-        else:
-            from engines.dit.flashhead.vae_ltx import LTXVAE
-
-            vae = LTXVAE.from_folder(files.vae, dtype=dtype, device=device)
+        nets = load_networks(pathlib.Path(path), files.model, dtype=dtype, device=device)
         audio = Wav2Vec2Features(files.wav2vec, device=device)
         logger.info(
             "FlashHead %s loaded from %s on %s in %s (%d DiT layers)",
-            files.model, path, device, dtype, transformer.config.num_layers,
+            files.model, path, device, dtype, nets.transformer.config.num_layers,
         )  # fmt: skip
-        return cls(transformer, vae, audio, model=files.model, settings=settings)
+        return cls(nets.transformer, nets.vae, audio, model=files.model, settings=settings)
+
+    @classmethod
+    def random(
+        cls,
+        model: str = "pro",
+        *,
+        device: str | torch.device = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        settings: ChunkSettings | None = None,
+        seed: int = 0,
+        tiny: bool = False,
+    ) -> FlashHead:
+        """The published sizes with random weights (benchmarks); ``tiny``: 2 layers, narrow FFNs."""
+        nets = random_networks(
+            model, dtype=dtype, device=device, seed=seed,
+            num_layers=2 if tiny else None, ffn_dim=64 if tiny else None, vae_base=8 if tiny else 96,
+        )  # fmt: skip
+        audio = random_wav2vec2(device=device, seed=seed, small=tiny)
+        return cls(nets.transformer, nets.vae, audio, model=nets.model, settings=settings)
 
     # -- the reference's seams -------------------------------------------------------------
 
@@ -176,7 +187,7 @@ class FlashHead:
     ) -> torch.Tensor:
         """What the reference ``WanModelAudioProject.forward(x=, timestep=, context=, y=)`` returns."""
         with torch.no_grad():
-            return self.transformer(  # type: ignore[no-any-return]
+            return self.forward(
                 x.to(self.device), timestep.to(self.device), context.to(self.device), y.to(self.device)
             )
 
@@ -221,6 +232,33 @@ class FlashHead:
             )
         return self.vae.encode(motion_frames)
 
+    def next_chunk(
+        self,
+        reference: Reference,
+        history: np.ndarray,
+        motion_frames: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        timer: StageTimer | None = None,
+    ) -> Chunk:
+        """The next chunk of a stream whose audio so far is ``history`` (16 kHz, the newest last).
+
+        As the reference's streaming loop: the whole history (8 s there) is
+        embedded (``audio_encode``) and the windows of its last 33 frames are
+        the chunk's context, so the new frames follow the newest audio.
+        """
+        tm = timer or _untimed
+        with tm("audio_encode"):
+            embedding = self.audio_embedding(history, fps=self.settings.fps)
+            n = embedding.shape[0]
+            if n < self.settings.frames:
+                raise ValueError(
+                    f"{len(history)} samples of audio history make {n} frames; "
+                    f"a chunk needs {self.settings.frames}"
+                )
+            context = self.audio_context(embedding, n - self.settings.frames, n)
+        return self.generate_chunk(reference, context, motion_frames, generator=generator, timer=timer)
+
     @torch.no_grad()
     def generate_chunk(
         self,
@@ -229,9 +267,15 @@ class FlashHead:
         motion_frames: torch.Tensor | None = None,
         *,
         generator: torch.Generator | None = None,
+        timer: StageTimer | None = None,
     ) -> Chunk:
-        """One chunk of video for ``context`` ``(1, frames, 5, 12, 768)``, as the reference's ``generate``."""
+        """One chunk of video for ``context`` ``(1, frames, 5, 12, 768)``, as the reference's ``generate``.
+
+        ``timer`` (benchmarks) wraps each stage: ``motion_encode``, every
+        ``dit_step``, ``vae_decode`` and ``color_correct``.
+        """
         s = self.settings
+        tm = timer or _untimed
         c, f, h, w = reference.latent.shape
         if context.ndim != 5 or tuple(context.shape[:2]) != (1, s.frames):
             raise ValueError(
@@ -239,16 +283,24 @@ class FlashHead:
             )
 
         # 1. the motion latent: the reference's first latent frame, or the last chunk's frames
-        motion = (
-            reference.latent[:, :1].clone() if motion_frames is None else self.encode_motion(motion_frames)
-        )
+        #    (the reference encodes them at the end of the chunk before; the work is the same)
+        with tm("motion_encode"):
+            motion = (
+                reference.latent[:, :1].clone()
+                if motion_frames is None
+                else self.encode_motion(motion_frames)
+            )
 
         # 2. noise in the model dtype, from the stream's generator
         noise = torch.randn((c, f, h, w), dtype=self.dtype, device=self.device, generator=generator)
 
         # 3. the distilled steps, motion latent held fixed
+        def step(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            with tm("dit_step"):
+                return self.velocity(x, t, ctx, y)
+
         latents = denoise(
-            self.velocity,
+            step,
             noise,
             reference_latent=reference.latent,
             context=context,
@@ -258,6 +310,8 @@ class FlashHead:
         )
 
         # 4. decode, 5. colour correction against the photo, 6. the frames the next chunk continues from
-        video = self.vae.decode(latents)
-        video = color_correct(video, reference.image, s.color_correction_strength)
+        with tm("vae_decode"):
+            video = self.vae.decode(latents)
+        with tm("color_correct"):
+            video = color_correct(video, reference.image, s.color_correction_strength)
         return Chunk(video=video, latents=latents, motion_frames=video[:, :, -self.motion_frames :].clone())

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ModelMixin
@@ -71,6 +72,8 @@ def rope_tables(
 
     The head's rotated pairs are split ``[c - 2*(c//3), c//3, c//3]`` (``c =
     head_dim // 2``) between frame, row and column positions, each starting at 0.
+    The angles are computed in float64 (as the reference) with numpy: the tables
+    depend on shapes only, so an exported graph holds them as constants.
     """
     f, h, w = grid
     if max(grid) > ROPE_POSITIONS:
@@ -80,13 +83,15 @@ def rope_tables(
     angles = []
     for axis, (n, pairs) in enumerate(zip((f, h, w), sizes, strict=True)):
         dim = 2 * pairs
-        inv = 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float64)[:pairs] / dim))
-        a = torch.outer(torch.arange(n, dtype=torch.float64), inv)  # (n, pairs)
+        inv = 1.0 / (ROPE_THETA ** (np.arange(0, dim, 2, dtype=np.float64)[:pairs] / dim))
+        a = np.outer(np.arange(n, dtype=np.float64), inv)  # (n, pairs)
         shape = [1, 1, 1, pairs]
         shape[axis] = n
-        angles.append(a.view(*shape).expand(f, h, w, pairs))
-    theta = torch.cat(angles, dim=-1).reshape(f * h * w, 1, c)
-    return torch.cos(theta).float().to(device), torch.sin(theta).float().to(device)
+        angles.append(np.broadcast_to(a.reshape(shape), (f, h, w, pairs)))
+    theta = np.concatenate(angles, axis=-1).reshape(f * h * w, 1, c)
+    cos = torch.from_numpy(np.cos(theta).astype(np.float32))
+    sin = torch.from_numpy(np.sin(theta).astype(np.float32))
+    return cos.to(device), sin.to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -323,12 +328,19 @@ class FlashHeadTransformer(ModelMixin, ConfigMixin):
             self._rope[key] = rope_tables(self.dim // self.num_heads, grid, device)
         return self._rope[key]
 
-    def timestep_embedding(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Wan's ``[cos, sin]`` table of the timestep, taken after casting it to ``dtype``."""
-        position = timestep.to(dtype).double()
+    def timestep_embedding(
+        self, timestep: torch.Tensor, dtype: torch.dtype, table_dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        """Wan's ``[cos, sin]`` table of the timestep, taken after casting it to ``dtype``.
+
+        The reference computes the table in float64; ``table_dtype=torch.float32``
+        is for exported graphs (TensorRT has no float64), where angles of up to
+        1000 radians lose about 6e-5 of precision: far below a bfloat16 step.
+        """
+        position = timestep.to(dtype).to(table_dtype)
         half = self.freq_dim // 2
-        freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=timestep.device) / half)
-        angles = torch.outer(position, freqs)
+        freqs = torch.from_numpy(np.power(10000.0, -np.arange(half, dtype=np.float64) / half))
+        angles = torch.outer(position, freqs.to(device=timestep.device, dtype=table_dtype))
         return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).to(dtype)
 
     def check_inputs(
@@ -356,13 +368,20 @@ class FlashHeadTransformer(ModelMixin, ConfigMixin):
             )
 
     def forward(
-        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, y: torch.Tensor
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        table_dtype: torch.dtype = torch.float64,
     ) -> torch.Tensor:
         """The velocity for noisy latents ``x`` given ``timestep`` (1000-scale), audio and reference.
 
         ``x``: ``(B, out_dim, F, H, W)``; ``y``: the reference latent, same shape;
         ``timestep``: ``(1,)`` or ``(B,)``; ``context``: audio windows
         ``(B, 1 + stride * (F - 1), 5, 12, 768)``. Returns ``(B, out_dim, F, H, W)``.
+        ``table_dtype``: see :meth:`timestep_embedding`.
         """
         self.check_inputs(x, timestep, context, y)
         dtype = self.patch_embedding.weight.dtype
@@ -374,7 +393,7 @@ class FlashHeadTransformer(ModelMixin, ConfigMixin):
         tokens = self.patch_embedding(torch.cat([x, y], dim=1).to(dtype)).flatten(2).transpose(1, 2)
 
         # 2. timestep conditioning
-        t = self.time_embedding(self.timestep_embedding(timestep, dtype))
+        t = self.time_embedding(self.timestep_embedding(timestep, dtype, table_dtype))
         t_mod = self.time_projection(t).unflatten(1, (6, self.dim))
         if t.shape[0] != b:
             t, t_mod = t.expand(b, -1), t_mod.expand(b, -1, -1)

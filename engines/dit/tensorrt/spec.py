@@ -35,6 +35,9 @@ from torch import nn
 from engines.dit.model import AudioCondition, AvatarDiT, DiTOutput
 
 STAGES = ("blueprint", "subclip", "sr", "vae_decoder")
+FLASHHEAD_STAGES = ("flashhead_dit", "flashhead_vae_encoder", "flashhead_vae_decoder")
+"""The ``flashhead`` engine's networks (specs in :mod:`engines.dit.tensorrt.flashhead`)."""
+KNOWN_STAGES = STAGES + FLASHHEAD_STAGES
 SPEC_VERSION = 1
 """Bumped when an export wrapper changes what a network computes (invalidates engines)."""
 
@@ -473,8 +476,24 @@ def _plain(config: Any) -> dict[str, Any]:
     }
 
 
+def is_flashhead(components: Any) -> bool:
+    """Whether ``components`` are FlashHead's networks (else the dit engine's components)."""
+    from engines.dit.flashhead.networks import FlashHeadNetworks
+
+    return isinstance(components, FlashHeadNetworks)
+
+
 def stage_spec(stage: str, components: Any) -> ExportSpec:
-    """The export spec of ``stage`` for loaded :class:`~engines.dit.loading.DitComponents`."""
+    """The export spec of ``stage`` for loaded :class:`~engines.dit.loading.DitComponents`.
+
+    (or :class:`~engines.dit.flashhead.networks.FlashHeadNetworks` for the ``flashhead_*`` stages).
+    """
+    if is_flashhead(components):
+        from engines.dit.tensorrt.flashhead import flashhead_stage_spec
+
+        return flashhead_stage_spec(stage, components)
+    if stage in FLASHHEAD_STAGES:
+        raise ValueError(f"{stage} is a flashhead network: load FlashHead weights (--engine flashhead)")
     text_max = 16 * int(components.config.text_max_length)
     if stage == "blueprint":
         return DitSpec.build(components.blueprint, text_max)
@@ -490,13 +509,22 @@ def stage_spec(stage: str, components: Any) -> ExportSpec:
 
 
 def parse_stages(text: str | None, components: Any = None) -> list[str]:
-    """``--stages a,b`` (default: all, ``sr`` only where the weights have it)."""
+    """``--stages a,b`` (default: all of the loaded model's, ``sr`` only where the weights have it).
+
+    Without components (``avatar trt build``), the dit stages by default and any known stage by name.
+    """
+    flashhead = components is not None and is_flashhead(components)
+    known = FLASHHEAD_STAGES if flashhead else STAGES if components is not None else KNOWN_STAGES
     if not text or text == "all":
+        if flashhead:
+            from engines.dit.tensorrt.flashhead import default_flashhead_stages
+
+            return default_flashhead_stages(components.model)
         return [s for s in STAGES if not (s == "sr" and components is not None and components.sr is None)]
     stages = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
+    bad = [s for s in stages if s not in known]
     if bad:
-        raise ValueError(f"unknown stage(s) {bad}; stages are {', '.join(STAGES)}")
+        raise ValueError(f"unknown stage(s) {bad}; stages are {', '.join(known)}")
     return stages
 
 
@@ -516,8 +544,18 @@ def serving_profiles(
     config's); SR profiles are at the matching output size. ``subclip_frames``
     are the sub-clip lengths served (``--subclip-frames``). Keyframes come in
     batches of ``max(2, ceil(fps / n))`` (the scheduler's one second ahead);
-    CFG (``guidance_scale != 1``) doubles the DiT batch.
+    CFG (``guidance_scale != 1``) doubles the DiT batch. For FlashHead's
+    networks, the fixed shapes of a chunk at each size.
     """
+    if is_flashhead(components):
+        from engines.dit.tensorrt.flashhead import flashhead_profiles
+
+        return flashhead_profiles(
+            components.model,
+            spatial_stride=int(components.vae.spatial_stride),
+            temporal_stride=int(components.vae.temporal_stride),
+            sizes=sizes or ((512, 512),),
+        )
     config = components.config
     vae = components.vae.config
     s, ts = int(vae.scale_factor_spatial or 8), int(vae.scale_factor_temporal or 4)
@@ -663,8 +701,8 @@ def load_profiles(path: pathlib.Path) -> list[Profile]:
             stage, name, axes = item["stage"], str(item.get("name") or f"p{i}"), item["axes"]
         except (KeyError, TypeError):
             raise ProfileError(f'{where} needs "stage" and "axes"') from None
-        if stage not in STAGES:
-            raise ProfileError(f"{where}: unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        if stage not in KNOWN_STAGES:
+            raise ProfileError(f"{where}: unknown stage {stage!r}; stages are {', '.join(KNOWN_STAGES)}")
         parsed: dict[str, tuple[int, int, int]] = {}
         for axis, value in dict(axes).items():
             if isinstance(value, int):
