@@ -27,8 +27,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--data-dir", type=Path, default=Path("data"))
     p.add_argument("--token", default=os.environ.get("AVATAR_TOKEN"),
                    help="bearer token (required off loopback; generated if not given)")
-    p.add_argument("--delay-ms", type=float, default=130.0,
-                   help="playout delay: video latency, the voice is delayed to match")
+    p.add_argument("--delay-ms", type=float, default=None,
+                   help="playout delay: video latency, the voice is delayed to match (default: set "
+                        "from the sub-clip length and the engine's render time, measured at start)")
     p.add_argument("--subclip-frames", type=int, default=1,
                    help="frames per sub-clip: the latency knob (audio waited for before a render)")
     p.add_argument("--workers", type=int, default=1, help="parallel sub-clips per session")

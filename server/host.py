@@ -29,6 +29,11 @@ from server.signalling import WebRTCPeer
 
 log = logging.getLogger(__name__)
 
+GRACE_S = 0.02  # the scheduler's wait past a sub-clip's end for its audio (SchedulerConfig.grace_s)
+DELAY_MARGIN_S = 0.03  # encoding, hand-offs and scheduling on a busy machine, on top of the render
+WARM_UP_RENDERS = 12
+WARM_UP_BUDGET_S = 5.0
+
 
 class HostConfig(BaseModel):
     """What a process that runs sessions needs to know (sent to each worker as JSON)."""
@@ -42,7 +47,7 @@ class HostConfig(BaseModel):
     ice_servers: list[str] = Field(default_factory=list)
     consent_interval_s: float = 2.0
     consent_failures: int = 5
-    delay_ms: float = Field(130.0, gt=0)
+    delay_ms: float | None = Field(None, gt=0)  # None: measured at start (see SessionHost.playout_delay_s)
     subclip_frames: int = Field(1, ge=1)
     workers: int = Field(1, ge=1)  # sub-clips rendered in parallel per session
     render_threads: int = Field(2, ge=1)
@@ -63,6 +68,7 @@ class SessionHost:
         self._prepared: OrderedDict[str, tuple[Any, np.ndarray, np.ndarray]] = OrderedDict()
         self._prepare_lock = asyncio.Lock()
         self.sessions_total = 0
+        self.render_s: list[float] = []  # sub-clip render times measured at start
 
     # --- lifecycle -----------------------------------------------------------------
     async def start(self, avatar_id: str) -> None:
@@ -76,6 +82,10 @@ class SessionHost:
                                                           loop.run_in_executor(None, load_vad))
         await asyncio.gather(loop.run_in_executor(self.executor, self._warm_up, prepared),
                              self._warm_up_director(image, avatar_id))
+        log.info("playout delay %.0f ms (%s)", self.playout_delay_s * 1000,
+                 "as configured" if self.config.delay_ms is not None else
+                 f"{self.subclip_s * 1000:.0f} ms sub-clips, slowest render "
+                 f"{max(self.render_s) * 1000:.1f} ms")
 
     async def _warm_up_director(self, image: np.ndarray, avatar_id: str) -> None:
         """Load the director's models now; a failure is logged, sessions plan without it."""
@@ -88,16 +98,47 @@ class SessionHost:
             await director.aclose()
 
     def _warm_up(self, prepared: Any) -> None:
+        """Every stage once, then a few sub-clips of speech-like noise timed for the playout delay."""
+        import time
+
         from engines.base import AUDIO_RATE, AudioSlice
         from engines.storyline import default_shot
 
         shot = default_shot(0.0, 1.0)
-        n = max(self.config.subclip_frames, self.engine.min_subclip_frames)
-        step = n / self.engine.fps
-        kfs = self.engine.keyframes(prepared, [shot], [0.0, step])
-        audio = AudioSlice(start=-0.3, samples=np.zeros(round((0.3 + step) * AUDIO_RATE), np.float32))
+        step = self.subclip_s
         chars = self.engine.characters(prepared)
-        self.engine.upscale(self.engine.subclip(prepared, kfs[0], kfs[1], [audio] * chars, [shot] * chars))
+        rng = np.random.default_rng(0)
+        renders = 1 if self.config.delay_ms is not None else WARM_UP_RENDERS
+        began = time.perf_counter()
+        for k in range(renders + 1):
+            if k > 1 and time.perf_counter() - began > WARM_UP_BUDGET_S:
+                break  # a slow engine (a DiT on a CPU): a few renders say enough
+            kfs = self.engine.keyframes(prepared, [shot], [k * step, (k + 1) * step])
+            samples = (0.1 * rng.standard_normal(round((0.3 + step) * AUDIO_RATE))).astype(np.float32)
+            audio = AudioSlice(start=k * step - 0.3, samples=samples,
+                               vad=np.ones(64, np.float32), vad_start=k * step - 0.3)
+            t = time.perf_counter()
+            frames = self.engine.subclip(prepared, kfs[0], kfs[1], [audio] * chars, [shot] * chars)
+            self.engine.upscale(frames)
+            if k:  # the first call pays for first calls
+                self.render_s.append(time.perf_counter() - t)
+
+    @property
+    def subclip_s(self) -> float:
+        return max(self.config.subclip_frames, self.engine.min_subclip_frames) / self.engine.fps
+
+    @property
+    def playout_delay_s(self) -> float:
+        """The video's latency: as configured, else what a sub-clip needs, measured.
+
+        A sub-clip renders once the audio it covers has arrived (its length, plus the
+        scheduler's grace), then takes its render time; the delay adds a margin for
+        encoding and scheduling on a busy machine, and the slowest warm-up render.
+        """
+        if self.config.delay_ms is not None:
+            return self.config.delay_ms / 1000
+        render = max(self.render_s) if self.render_s else 0.05
+        return self.subclip_s + GRACE_S + render + DELAY_MARGIN_S
 
     async def aclose(self) -> None:
         await asyncio.gather(*(s.close() for s in list(self.sessions.values())), return_exceptions=True)
@@ -132,7 +173,7 @@ class SessionHost:
         prepared, image, idle = await self.prepared(avatar_id)
         c = self.config
         settings = SessionSettings(
-            delay_s=c.delay_ms / 1000, video_codecs=tuple(c.video_codecs),
+            delay_s=self.playout_delay_s, video_codecs=tuple(c.video_codecs),
             scheduler=SchedulerConfig(subclip_frames=c.subclip_frames, workers=c.workers),
             director_timeout_s=c.director_timeout_s,
         )

@@ -56,6 +56,24 @@ def answered_video_codec(answer_sdp: str) -> str:
     raise OfferError("the answer has no video codec in common with the offer (send VP8 or H.264)")
 
 
+MIC_PREFETCH = 1  # audio packets aiortc holds back before decoding one (its default, 4, is 80 ms)
+
+
+def shorten_audio_jitter_buffer(receiver: Any) -> None:
+    """Decode the microphone as soon as a packet is whole, not four packets later.
+
+    aiortc's audio jitter buffer waits for 4 further packets (80 ms) before it
+    releases one, to reorder late ones; the ingest places audio by arrival and
+    reads a gap as silence, so that wait is pure latency here. aiortc has no
+    setting for it: the attribute is private, so a change there is logged, not fatal.
+    """
+    buffer = getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None)
+    if buffer is None or not hasattr(buffer, "_prefetch"):
+        log.warning("aiortc's audio jitter buffer is not where it was: the microphone keeps its 80 ms wait")
+        return
+    buffer._prefetch = MIC_PREFETCH
+
+
 class WebRTCPeer:
     """The session's peer connection."""
 
@@ -110,6 +128,7 @@ class WebRTCPeer:
                 if tr.kind == "audio" and not audio_set:
                     tr.sender.replaceTrack(session.audio)
                     tr.direction = "sendrecv"
+                    shorten_audio_jitter_buffer(tr.receiver)
                     audio_set = True
             video_set = False
             for tr in pc.getTransceivers():

@@ -19,6 +19,10 @@ const state = {
   sessionUrl: null,
   characters: 1, // faces of the avatar the session (or the next Start) uses
   micCharacter: 0,
+  answeredAt: null, // performance.now() when the SDP answer was applied
+  firstFrameAt: null, // ... and when the first video frame was shown
+  localStream: null, // the microphone as sent
+  remoteStream: null, // the avatar as received
 };
 window.avatarClient = state;
 
@@ -189,6 +193,7 @@ function watchVideo(video) {
   let frames = 0;
   let t0 = performance.now();
   const onFrame = (now, meta) => {
+    if (state.firstFrameAt === null) state.firstFrameAt = now;
     state.framesDecoded += 1;
     state.videoTime = video.currentTime;
     frames += 1;
@@ -226,6 +231,8 @@ function onStats(s) {
 
 async function start() {
   $("start").disabled = true;
+  state.answeredAt = null;
+  state.firstFrameAt = null;
   $("error").textContent = "";
   setStatus("connecting");
   try {
@@ -239,6 +246,7 @@ async function start() {
         showError(`microphone unavailable (${e.message}); Say still works`);
       }
     }
+    state.localStream = micStream;
     const micTrack = micStream ? micStream.getAudioTracks()[0] : null;
     if (micTrack) pc.addTransceiver(micTrack, { direction: "sendrecv", streams: [micStream] });
     else pc.addTransceiver("audio", { direction: "sendrecv" });
@@ -254,6 +262,7 @@ async function start() {
       if (state.characters > 1 && Number($("mic-character").value) !== 0) routeMic();
     };
     const remote = new MediaStream();
+    state.remoteStream = remote;
     pc.ontrack = (ev) => {
       remote.addTrack(ev.track);
       const video = $("video");
@@ -277,6 +286,7 @@ async function start() {
     });
     state.sessionUrl = res.headers.get("Location");
     await pc.setRemoteDescription({ type: "answer", sdp: await res.text() });
+    state.answeredAt = performance.now();
     $("stop").disabled = false;
   } catch (e) {
     showError(`start failed: ${e.message}`);
