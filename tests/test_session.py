@@ -203,8 +203,7 @@ async def test_an_interrupt_during_a_replan_keeps_both(sim: Sim) -> None:
     # what is shown after the cut: the mouth at rest (silence), where it moved with the speech
     _, speaking = measure([f for f in sim.frames if 0.5 < f[1] < cut], mouth_opening)
     _, quiet = measure([f for f in sim.frames if f[1] > cut + 0.3], mouth_opening)
-    assert np.nanstd(quiet) < 0.004 < np.nanstd(speaking)
-    assert np.nanmedian(quiet) < np.nanmedian(speaking)
+    assert np.nanstd(quiet) < 0.004 < np.nanstd(speaking)  # still where it moved with the words
 
 
 async def test_say_during_an_upload_replaces_it(sim: Sim) -> None:
