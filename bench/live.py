@@ -67,9 +67,12 @@ async def client(url: str, audio_path: str, seconds: float) -> dict[str, Any]:
         await peer.wait_open(60)
         sys.stdout.write("OPEN\n")
         sys.stdout.flush()
+        opened = time.perf_counter()
         await asyncio.sleep(seconds)
         async with aiohttp.ClientSession() as http, http.get(peer.session_url) as res:
             stats = await res.json()
+        stats["client_seconds"] = round(time.perf_counter() - opened, 2)
+        stats["client_url"] = peer.session_url
     finally:
         await peer.close()
     vt = np.array(peer.got.video_times)
@@ -120,7 +123,7 @@ def run(url: str, sessions: int, seconds: float, audio_path: str) -> dict[str, A
         results.append(json.loads(line[5:]))
         p.wait()
     assert cpu1 is not None and t1 is not None
-    broken = [r["server"] for r in results if "held_frames" not in r["server"]]
+    broken = [r for r in results if "held_frames" not in r["server"]]
     if broken:
         raise RuntimeError(f"sessions without stats at the end: {broken}")
     server_stats = [r["server"] for r in results]
@@ -166,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sessions:
             with ServerProcess(Path(tmp) / f"server{n}", "--max-sessions", str(max(n, 4)),
                                *args.server_arg) as srv:
-                r = run(srv.url, n, args.seconds, audio_path)
+                try:
+                    r = run(srv.url, n, args.seconds, audio_path)
+                except RuntimeError:
+                    sys.stderr.write(srv.tail(6000))
+                    raise
             results.append(r)
             sys.stdout.write(
                 f"{n} session(s), {args.seconds:.0f}s: received {r['received_fps_median']:.1f} fps "

@@ -17,6 +17,7 @@ from typing import Any
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError
+from scipy.signal import firwin
 
 from engines.base import AUDIO_RATE
 from realtime.clock import Clock
@@ -26,6 +27,7 @@ from realtime.vad import VoiceActivity
 
 log = logging.getLogger(__name__)
 
+_LOWPASS = firwin(61, 7_200, fs=OUT_RATE)  # for 48 -> 16 kHz (Nyquist 8 kHz); delays 10 samples at 16 kHz
 RESYNC_S = 0.06  # placement this far behind arrival restarts at the arrival (gap/stall)
 AHEAD_S = 0.1  # placement this far ahead of arrival (a burst) re-syncs
 SILENT_RESYNC_S = 0.005  # in silence, re-sync as soon as placement is this far ahead
@@ -43,6 +45,8 @@ class MicIngest:
         self._head: float | None = None
         self._vad = VoiceActivity()
         self._to16 = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
+        self._lp_state = np.zeros(len(_LOWPASS) - 1)
+        self._phase = 0
         self._to48 = av.AudioResampler(format="s16", layout="mono", rate=OUT_RATE)
         self.inbox: Inbox[IngestEvent] = Inbox()
         self._routes: list[MicRouted] = []  # route changes not yet reached by placed audio
@@ -106,15 +110,35 @@ class MicIngest:
             self.timeline.write_mic(t0, ana, out, voice, arrived, self.timeline.mic_character)
 
     def decode(self, frame: Any) -> tuple[np.ndarray, np.ndarray, float]:
-        """Resample one frame and run voice activity (about 0.1 ms for 20 ms of audio)."""
-        ana = np.concatenate([f.to_ndarray().reshape(-1) for f in self._to16.resample(frame)]
-                             or [np.zeros(0, np.float32)])
-        out = np.concatenate([f.to_ndarray().reshape(-1) for f in self._to48.resample(frame)]
-                             or [np.zeros(0, np.int16)])
+        """Resample one frame and run voice activity (about 0.1 ms for 20 ms of audio).
+
+        WebRTC's Opus decodes to 48 kHz s16: mixed to mono and decimated by three with
+        a filter that keeps its state across frames (plain numpy and scipy, no per-frame
+        resampler objects). Anything else goes through PyAV's resamplers.
+        """
+        if frame.sample_rate == OUT_RATE and frame.format.name == "s16" and not frame.format.is_planar:
+            x = frame.to_ndarray().reshape(-1, len(frame.layout.channels))
+            mono = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0].astype(np.float32)
+            out = np.round(mono).astype(np.int16)
+            ana = self._decimate(mono / 32768.0)
+        else:
+            ana = np.concatenate([f.to_ndarray().reshape(-1) for f in self._to16.resample(frame)]
+                                 or [np.zeros(0, np.float32)])
+            out = np.concatenate([f.to_ndarray().reshape(-1) for f in self._to48.resample(frame)]
+                                 or [np.zeros(0, np.int16)]).astype(np.int16)
         ana = np.nan_to_num(np.clip(ana, -1.0, 1.0)).astype(np.float32)
         probs = self._vad.feed(ana)
         voice = max(probs) if probs else self._vad.last
-        return ana, out.astype(np.int16), voice
+        return ana, out, voice
+
+    def _decimate(self, x: np.ndarray) -> np.ndarray:
+        """48 kHz to 16 kHz, streaming: low-pass (state kept), then every third sample."""
+        from scipy.signal import lfilter
+
+        y, self._lp_state = lfilter(_LOWPASS, 1.0, x, zi=self._lp_state)
+        y = y[self._phase::3]
+        self._phase = (self._phase - len(x)) % 3
+        return np.asarray(y, np.float32)
 
     async def run(self, track: Any) -> None:
         """Read the remote audio track until it ends."""

@@ -29,7 +29,9 @@ from realtime.timeline import OUT_RATE, AudioTimeline
 
 log = logging.getLogger(__name__)
 
-AUDIO_PTIME = 0.02
+# 40 ms voice packets: half the packets (and their per-packet work) of 20 ms, and no later, for a
+# packet leaves when its first sample is due, its samples being on the timeline by then
+AUDIO_PTIME = 0.04
 AUDIO_SAMPLES = round(OUT_RATE * AUDIO_PTIME)
 CATCH_UP_S = 0.2  # if the consumer is this far behind, skip to the present
 
@@ -262,13 +264,13 @@ class AvatarAudioTrack(MediaStreamTrack):
         self.next_index = 0
         self.send_lag_ms: deque[float] = deque(maxlen=250)
         self.level: deque[float] = deque(maxlen=50)  # RMS of recent frames (dBFS)
-        self._opus = OpusEncoder(OUT_RATE)
+        self._opus = OpusEncoder(OUT_RATE, frame_ms=round(AUDIO_PTIME * 1000))
 
     def due_time(self, index: int) -> float:
         return index * AUDIO_PTIME + self.delay_s
 
     async def recv(self) -> av.Packet:
-        """The next 20 ms of the voice, Opus-encoded, when it is due (aiortc only packetizes it)."""
+        """The next packet of the voice, Opus-encoded, when it is due (aiortc only packetizes it)."""
         while True:
             if self.readyState != "live":
                 raise MediaStreamError

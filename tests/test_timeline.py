@@ -106,3 +106,30 @@ def test_long_say_text_is_cut_into_phrases() -> None:
     parts = phrases(text)
     assert " ".join(parts) == text
     assert len(parts) == 3 and all(len(p) <= 80 for p in parts)
+
+
+def test_microphone_frames_are_mixed_and_decimated_like_a_resampler() -> None:
+    """WebRTC's 48 kHz stereo frames, 20 ms at a time, give the 16 kHz speech a resampler gives."""
+    import av
+    from scipy.signal import resample_poly
+
+    voice = speech("The quick brown fox jumps over the lazy dog.", rate=48_000)
+    stereo = np.stack([voice, 0.5 * voice], 1)
+    pcm = np.round(stereo * 32767).astype(np.int16)
+    ing = MicIngest(AudioTimeline(horizon_s=10), FakeClock(), Inbox())
+    got16, got48 = [], []
+    for k in range(len(pcm) // 960):
+        frame = av.AudioFrame.from_ndarray(pcm[k * 960:(k + 1) * 960].reshape(1, -1), format="s16",
+                                           layout="stereo")
+        frame.sample_rate = 48_000
+        ana, out, _ = ing.decode(frame)
+        got16.append(ana)
+        got48.append(out)
+    a16, a48 = np.concatenate(got16), np.concatenate(got48)
+    mono = pcm.astype(np.float32).mean(axis=1)
+    assert np.abs(a48 - mono[: len(a48)]).max() <= 1  # the way back: the mix, at 48 kHz
+    ref = resample_poly(mono / 32768, 1, 3)[: len(a16)]
+    delay = 10  # the 61-tap filter's group delay: 30 samples at 48 kHz
+    err = a16[delay:] - ref[: len(a16) - delay]
+    assert len(a16) == len(pcm) // 960 * 320
+    assert np.sqrt(np.mean(err ** 2)) < 0.02 * np.sqrt(np.mean(ref ** 2))
