@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import re
 import threading
 import time
@@ -77,6 +78,14 @@ class Exchange:
 LIVE_DUTY = 0.25  # live transcription may use at most this share of one core, all sessions of a process
 
 
+def _lowest_priority() -> None:
+    """This thread (not the process) at nice 19, where the OS allows it (Linux: per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (OSError, AttributeError) as exc:
+        log.debug("live transcription keeps its priority: %s", exc)
+
+
 class _TranscriptionBudget:
     """One thread for live transcripts, with a duty cycle: after a job of ``d`` seconds
     the next one waits until ``d / LIVE_DUTY`` seconds after the first began. Each
@@ -84,7 +93,8 @@ class _TranscriptionBudget:
     their cores whatever the number of talking sessions."""
 
     def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="transcribe")
+        # the thread runs at the lowest CPU priority: transcripts use what the stream leaves
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="transcribe", initializer=_lowest_priority)
         self.next_start = 0.0  # only the pool's one thread reads and writes it
         # the process owner may lower it (a server with several session processes shares one
         # machine-wide budget among them)
