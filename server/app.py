@@ -153,6 +153,10 @@ class AvatarServer:
         app.router.add_get("/v1/sessions/{id}", self.get_session)
         app.router.add_delete("/v1/sessions/{id}", self.delete_session)
         app.router.add_post("/v1/sessions/{id}/speech", self.session_speech)
+        app.router.add_post("/v1/sessions/{id}/egress", self.start_egress)
+        app.router.add_get("/v1/sessions/{id}/egress", self.list_egress)
+        app.router.add_get("/v1/sessions/{id}/egress/{eid}", self.get_egress)
+        app.router.add_delete("/v1/sessions/{id}/egress/{eid}", self.stop_egress)
         app.router.add_post("/v1/avatars", self.upload_avatar)
         app.router.add_get("/v1/avatars", self.list_avatars)
         app.router.add_get("/v1/avatars/{id}/image", self.avatar_image)
@@ -215,6 +219,41 @@ class AvatarServer:
                                      status=415)
         body = await pool.session_call(sid, "POST", "/speech", data=data)
         return web.json_response(body, status=202)
+
+    async def start_egress(self, request: web.Request) -> web.Response:
+        """Push the session to an RTMP(S) server: ``{"url": ...}`` (or ``server`` and ``key``)."""
+        from realtime.egress import EgressError, EgressRequest
+
+        sid = request.match_info["id"]
+        pool = self._pool()
+        if pool.owner(sid) is None:
+            raise SessionGone(sid, pool.ended.get(sid))
+        try:
+            data = await request.json()
+        except ValueError:
+            return web.json_response({"error": 'send JSON: {"url": "rtmp://host/app/stream-key"}'},
+                                     status=422)
+        try:
+            body = EgressRequest.parse(data)
+        except EgressError as exc:
+            return web.json_response({"error": str(exc)}, status=422)
+        egress = await pool.session_call(sid, "POST", "/egress",
+                                         data=body.model_dump_json(include={"url", "video_bitrate",
+                                                                            "audio_bitrate"}).encode())
+        return web.json_response(egress, status=201,
+                                 headers={"Location": f"/v1/sessions/{sid}/egress/{egress['id']}"})
+
+    async def list_egress(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._pool().session_call(request.match_info["id"], "GET", "/egress"))
+
+    async def get_egress(self, request: web.Request) -> web.Response:
+        sid, eid = request.match_info["id"], request.match_info["eid"]
+        return web.json_response(await self._pool().session_call(sid, "GET", f"/egress/{eid}"))
+
+    async def stop_egress(self, request: web.Request) -> web.Response:
+        sid, eid = request.match_info["id"], request.match_info["eid"]
+        await self._pool().session_call(sid, "DELETE", f"/egress/{eid}")
+        return web.Response(status=204)
 
     async def get_session(self, request: web.Request) -> web.Response:
         stats = await self._pool().session_call(request.match_info["id"], "GET")

@@ -171,6 +171,7 @@ class Stats(_Out):
     mic_character: int = Field(0, description="whom the host's microphone speaks for")
     shots: list[Shot | None] = Field(default_factory=list,
                                      description="each character's shot playing now")
+    egresses: int = Field(0, description="streams to platforms (RTMP) this session pushes")
 
 
 OutMessage = Ack | Error | Stats

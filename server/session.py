@@ -26,6 +26,7 @@ import numpy as np
 from engines.base import Engine
 from engines.director.base import Director
 from realtime.clock import Clock, LoopClock
+from realtime.egress import EgressError, EgressSettings, RtmpEgress
 from realtime.ingest import MicIngest
 from realtime.planner import RollingPlanner
 from realtime.playout import Playout
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 3.0
 STATS_EVERY_S = 1.0
 TIMELINE_HISTORY_S = 10.0  # speech bookkeeping kept behind the pts playing
+MAX_EGRESSES = 4  # streams to platforms per session
 
 
 @dataclass(slots=True)
@@ -93,6 +95,7 @@ class Session:
                                   banner=engine.banner(), executor=executor)
         self.audio = AvatarAudioTrack(self.timeline, self.clock, settings.delay_s)
         self.peer: WebRTCPeer | None = None
+        self.egresses: dict[str, RtmpEgress] = {}
         self._listeners: list[Callable[[OutMessage], None]] = []
         self.closed = asyncio.Event()
         self._on_closed = on_closed
@@ -136,6 +139,27 @@ class Session:
             self.timeline.trim(self.playing_pts() - TIMELINE_HISTORY_S)
             self.send(self.stats())
 
+    # --- streams to platforms -----------------------------------------------------------
+    def start_egress(self, url: str, settings: EgressSettings | None = None) -> RtmpEgress:
+        """Push this session's stream to ``url`` (RTMP or RTMPS) until stopped; ``EgressError`` if not."""
+        if self._closing:
+            raise EgressError("the session is closing")
+        if len(self.egresses) >= MAX_EGRESSES:
+            raise EgressError(f"this session already streams to {MAX_EGRESSES} places; stop one first")
+        egress = RtmpEgress(url, self.video_out, self.timeline, fps=self.engine.fps, settings=settings,
+                            session_id=self.id)
+        self.egresses[egress.id] = egress
+        self.tasks.spawn(egress.run(), f"egress {egress.id}")
+        log.info("[%s] egress %s to %s", self.id, egress.id, egress.describe()["url"])
+        return egress
+
+    async def stop_egress(self, egress_id: str) -> bool:
+        egress = self.egresses.pop(egress_id, None)
+        if egress is None:
+            return False
+        await egress.aclose()
+        return True
+
     # --- stats -----------------------------------------------------------------------
     def stats(self) -> Stats:
         now = self.clock.now()
@@ -176,6 +200,7 @@ class Session:
             characters=self.characters,
             mic_character=self.control.mic_character,
             shots=[self.planner.current_shot(self.playing_pts(), c) for c in range(self.characters)],
+            egresses=len(self.egresses),
         )
 
     # --- teardown -----------------------------------------------------------------------
@@ -183,7 +208,10 @@ class Session:
         if self._closing:
             return
         self._closing = True
+        for egress in self.egresses.values():
+            egress.stop()
         await self.tasks.aclose(CLOSE_TIMEOUT_S)
+        await asyncio.gather(*(e.aclose() for e in self.egresses.values()), return_exceptions=True)
         await self.scheduler.aclose()
         try:
             await self.planner.director.aclose()

@@ -12,6 +12,9 @@ shared models, answers on a loopback HTTP port of its own and prints
 ``GET /sessions``, ``GET /sessions/{id}``  stats
 ``DELETE /sessions/{id}``                 ``204``
 ``POST /sessions/{id}/speech`` (audio)    ``202 {"duration_s"}``; 413/415/422 as the main's
+``POST /sessions/{id}/egress`` (JSON)     ``201`` the new egress; 422 for a bad URL or settings
+``GET /sessions/{id}/egress[/{eid}]``     the session's egresses (RTMP pushes), or one
+``DELETE /sessions/{id}/egress/{eid}``    ``204``: stop pushing
 ``DELETE /avatars/{id}``                  forget a prepared avatar
 ``GET /healthz``                          sessions, tasks, memory
 ========================================  ==============================================
@@ -87,6 +90,10 @@ class WorkerApp:
         app.router.add_get("/sessions/{id}", self.get)
         app.router.add_delete("/sessions/{id}", self.delete)
         app.router.add_post("/sessions/{id}/speech", self.speech)
+        app.router.add_post("/sessions/{id}/egress", self.start_egress)
+        app.router.add_get("/sessions/{id}/egress", self.list_egress)
+        app.router.add_get("/sessions/{id}/egress/{eid}", self.get_egress)
+        app.router.add_delete("/sessions/{id}/egress/{eid}", self.stop_egress)
         app.router.add_delete("/avatars/{id}", self.forget_avatar)
         return app
 
@@ -134,6 +141,38 @@ class WorkerApp:
             return web.json_response({"error": str(exc)}, status=exc.status)
         session.speech.play(ana, out)
         return web.json_response({"duration_s": round(len(ana) / 16000, 3)}, status=202)
+
+    async def start_egress(self, request: web.Request) -> web.Response:
+        from realtime.egress import EgressError, EgressRequest
+
+        session = self._session(request)
+        try:
+            body = EgressRequest.parse(await request.json())
+            assert body.url is not None
+            egress = session.start_egress(body.url, body.settings())
+        except ValueError as exc:  # EgressError, or a body that is not JSON
+            message = str(exc) if isinstance(exc, EgressError) else "the body is not valid JSON"
+            return web.json_response({"error": message}, status=422)
+        return web.json_response(egress.describe(), status=201)
+
+    async def list_egress(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        return web.json_response({"egress": [e.describe() for e in session.egresses.values()]})
+
+    def _egress(self, request: web.Request) -> Any:
+        session = self._session(request)
+        egress = session.egresses.get(request.match_info["eid"])
+        if egress is None:
+            raise web.HTTPNotFound(reason=f"session {session.id} has no egress {request.match_info['eid']!r}")
+        return session, egress
+
+    async def get_egress(self, request: web.Request) -> web.Response:
+        return web.json_response(self._egress(request)[1].describe())
+
+    async def stop_egress(self, request: web.Request) -> web.Response:
+        session, egress = self._egress(request)
+        await session.stop_egress(egress.id)
+        return web.Response(status=204)
 
     async def forget_avatar(self, request: web.Request) -> web.Response:
         self.host.forget_avatar(request.match_info["id"])

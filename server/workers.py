@@ -207,7 +207,8 @@ class WorkerPool:
         assert self._http is not None
         try:
             async with self._http.request(method, handle.url + path, data=data, params=params) as res:
-                body = await res.json() if expect_json and res.content_type == "application/json" else None
+                wants = expect_json or res.status >= 400  # an error's body says why
+                body = await res.json() if wants and res.content_type == "application/json" else None
                 if res.status >= 400:
                     message = body.get("error") if isinstance(body, dict) else res.reason
                     raise WorkerCallError(res.status, str(message))
