@@ -26,6 +26,7 @@ from tests import rtmp_server
 from tests.conftest import RunningServer
 from tests.portraits import hopper
 from tests.rtmp_server import RtmpServer
+from tests.test_browser import CHROMIUM
 from tests.test_e2e_lips import upload
 
 pytestmark = pytest.mark.slow
@@ -226,3 +227,52 @@ async def test_a_session_goes_live_in_sync_and_survives_a_server_restart(
 async def _live(peer: AvatarPeer, eid: str, reconnects: int) -> dict[str, Any] | None:
     state = await egress_state(peer, eid)
     return state if state["state"] == "live" and state["reconnects"] >= reconnects else None
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                    reason="Debian's chromium is not installed (make test installs it as root)")
+async def test_a_host_goes_live_from_the_page(server: RunningServer, rtmp: RtmpServer,
+                                             tmp_path: Path) -> None:
+    from playwright.async_api import async_playwright
+
+    key = f"page-{time.monotonic_ns()}"
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required"]
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(server.url)
+            await page.wait_for_function("document.querySelector('#avatar').options.length > 0")
+            await page.uncheck("#mic")
+            await page.click("#start")
+            await page.wait_for_function("window.avatarClient.framesDecoded > 10", timeout=30_000)
+            await page.wait_for_function("!document.querySelector('#golive').disabled", timeout=5_000)
+            await page.fill("#golive-server", f"rtmp://127.0.0.1:{rtmp.port}/live")
+            await page.fill("#golive-key", key)
+            await page.click("#golive")
+            await page.wait_for_function(
+                "window.avatarGoLive.egress.length === 1 && window.avatarGoLive.egress[0].state === 'live'",
+                timeout=20_000)
+            await page.fill("#say-text", "We are live on the stream now.")
+            await page.click("#say")
+            await asyncio.sleep(4)
+            shown = await page.text_content("#egress-list")
+            assert shown is not None and "live" in shown and key not in shown, shown
+            await page.screenshot(path=str(tmp_path / "golive.png"), full_page=True)
+            await page.click("#egress-list li button")
+            await page.wait_for_function("window.avatarGoLive.egress.length === 0", timeout=10_000)
+            await page.click("#stop")
+            assert errors == [] and await page.evaluate("window.avatarClient.errors") == [], errors
+        finally:
+            await browser.close()
+    await asyncio.sleep(1.0)
+    files = [p for p in rtmp.recordings() if p.name.startswith(key)]
+    assert len(files) == 1, files
+    got = read_back(files[0])
+    assert got["kinds"] == {"video": "h264", "audio": "aac"} and len(got["video_pts"]) > 75
+    assert np.nanmax(got["gaps"]) > 0.03, "the line said on the page reached the platform"
