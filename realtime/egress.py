@@ -6,49 +6,49 @@ and, with it, the voice for that frame's span off the session timeline. Frame
 and voice travel together, stamped by the frame index, so lips and sound stay
 as locked as they are in the session's own stream.
 
-Muxing writes to the network and may block (a slow or dead server), so it runs
-on a thread of its own; the session only hands it frames through a bounded
-queue and never waits for it. When the connection breaks, the thread closes
-it and reconnects with backoff (1 s, doubling to 30 s); frames that come
-meanwhile are dropped and counted, and a new connection starts its
-timestamps at zero, as a new publish. The session does not notice.
+Encoding and muxing run in a process of their own (``realtime.egress_mux``),
+fed frames through a pipe. FFmpeg connects and writes RTMP with blocking
+calls, some of which PyAV makes holding the GIL and none with a timeout: in
+the session's process, a server that accepts a connection and then stops
+answering would freeze every session there. In a child, it freezes only the
+child, which the egress kills once it has made no progress for
+``IO_TIMEOUT_S`` (``CONNECT_TIMEOUT_S`` to connect). The session never waits
+for the child: a frame the pipe cannot take at once is dropped and counted.
 
-The stream is encoded for the egress (platforms want their own bitrate and
-an FLV sequence header, not the WebRTC encoder's in-band one): libx264 at the
-requested bitrate with a keyframe every 2 s, AAC at 48 kHz. The voice is
-continuous: where frames were dropped, silence fills their span, so the audio
-timestamps stay those of the frame indices.
+When the connection breaks, the egress starts a new child with backoff (1 s,
+doubling to 30 s, back to 1 s after a connection that lasted); frames that
+come meanwhile are dropped and counted, and a new connection starts its
+timestamps at zero, as a new publish does. The session does not notice.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fractions
+import contextlib
+import json
 import logging
-import queue
 import secrets
-import threading
+import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import av
-import cv2
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from realtime.egress_mux import RECORD_HEAD, MuxSpec
 from realtime.timeline import OUT_RATE, AudioTimeline
-from realtime.tracks import VideoOut
+from realtime.tracks import OutFrame, Subscription, VideoOut
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("rtmp", "rtmps")
 BACKOFF_S = (1.0, 30.0)  # first wait after a failure, and the most it doubles to
-IO_TIMEOUT_S = 5.0  # connect and write: longer, and the server counts as gone
-QUEUE_FRAMES = 50  # 2 s of frames waiting for the muxer; more, and the oldest are dropped
+CONNECT_TIMEOUT_S = 10.0  # from starting the muxer to its first write on the network
+IO_TIMEOUT_S = 5.0  # a write that takes longer: the server counts as gone
+PIPE_FRAMES = 12  # frames the pipe to the muxer may hold (~0.5 s); more, and new frames are dropped
 RATE_WINDOW_S = 5.0
 
 
@@ -153,13 +153,6 @@ class EgressRequest(BaseModel):
         return EgressSettings(video_bitrate=self.video_bitrate, audio_bitrate=self.audio_bitrate)
 
 
-@dataclass(slots=True)
-class _Item:
-    index: int
-    rgb: np.ndarray
-    voice: np.ndarray  # int16, this frame's span at OUT_RATE
-
-
 class RtmpEgress:
     """One push of a session's stream to an RTMP(S) server, reconnecting until stopped."""
 
@@ -178,167 +171,141 @@ class RtmpEgress:
         self.state = EgressState.CONNECTING
         self.error: str | None = None
         self.reconnects = 0
-        self.frames_sent = 0
+        self.frames_sent = 0  # frames the muxer has written to the network, all connections
         self.dropped_frames = 0
         self.connected_at: float | None = None
         self.created = time.time()
         self._sent_bytes: deque[tuple[float, int]] = deque()
-        self._queue: queue.Queue[_Item | None] = queue.Queue(QUEUE_FRAMES)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._mux_loop, name=f"egress-{self.id}", daemon=True)
-        self._started = False
+        self._stopping = False
+        self._sub: Subscription | None = None
+        self._done = asyncio.Event()
+        self._progress = time.monotonic()  # when the muxer last reported a frame written
+        self._live = False  # the current muxer has connected
+        self._last_error = ""  # what the current muxer said went wrong
 
-    # --- the session's side: frames in, never waiting -----------------------------------------
+    # --- running -----------------------------------------------------------------------
     async def run(self) -> None:
-        """Feed the muxer every frame the session sends, with its voice, until stopped."""
-        if not self._started:
-            self._started = True
-            self._thread.start()
-        sub = self.video_out.subscribe("rgb")
+        """Push until stopped: a muxer per connection, a new one with backoff when one fails."""
+        self._sub = sub = self.video_out.subscribe("rgb")
+        backoff = BACKOFF_S[0]
         try:
-            while not self._stop.is_set():
-                item = await sub.get()
-                if item is None or item.rgb is None:
+            while not self._stopping:
+                self.state = EgressState.CONNECTING
+                began = time.monotonic()
+                error = await self._connection(sub)
+                if self._stopping:
                     break
-                k = item.index
-                voice = self.timeline.read_out(k / self.fps, self.samples_per_frame)
-                self._offer(_Item(k, item.rgb, voice))
+                self.error = error
+                self.state = EgressState.RECONNECTING
+                log.warning("[%s] egress %s to %s: %s; retrying in %.0f s", self.session_id, self.id,
+                            redact(self.url), error, backoff)
+                if time.monotonic() - began > 30:  # it had been up a while: start the backoff again
+                    backoff = BACKOFF_S[0]
+                until = time.monotonic() + backoff
+                while not self._stopping and time.monotonic() < until:  # the stream goes on without us
+                    if await sub.get() is None:
+                        break
+                    self.dropped_frames += 1
+                backoff = min(backoff * 2, BACKOFF_S[1])
+                self.reconnects += 1
         finally:
             self.video_out.unsubscribe(sub)
-            self.stop()
+            self.state = EgressState.STOPPED
+            self._done.set()
 
-    def _offer(self, item: _Item) -> None:
-        if self.state is not EgressState.LIVE and self.state is not EgressState.CONNECTING:
-            self.dropped_frames += 1  # no connection: the stream resumes from the present
-            return
+    async def _connection(self, sub: Subscription) -> str:
+        """One muxer, fed until it fails (what went wrong) or the egress stops (``""``)."""
+        first = await sub.get()
+        if first is None or first.rgb is None:
+            return ""
+        h, w = first.rgb.shape[:2]
+        s = self.settings
+        spec = MuxSpec(self.url, self.fps, w, h, self.samples_per_frame, OUT_RATE, s.video_bitrate,
+                       s.audio_bitrate, s.gop_s, s.preset)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "realtime.egress_mux", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        assert proc.stdin is not None and proc.stdout is not None
+        started = time.monotonic()
+        self._progress = started
+        self._live = False
+        self._last_error = ""
+        reader = asyncio.ensure_future(self._read_reports(proc.stdout))
+        graceful = False
         try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+            proc.stdin.write((json.dumps(asdict(spec)) + "\n").encode())  # the key goes by pipe, not argv
+            item: OutFrame | None = first
+            while item is not None and item.rgb is not None:
+                if proc.returncode is not None or reader.done():
+                    return self._last_error or f"the muxer exited with {proc.returncode}"
+                now = time.monotonic()
+                if self._live and now - self._progress > IO_TIMEOUT_S:
+                    return f"the server accepted no data for {IO_TIMEOUT_S:.0f} s"
+                if not self._live and now - started > CONNECT_TIMEOUT_S:
+                    return f"no connection within {CONNECT_TIMEOUT_S:.0f} s"
+                transport: Any = proc.stdin.transport
+                if transport.get_write_buffer_size() > PIPE_FRAMES * spec.record_bytes:
+                    self.dropped_frames += 1  # the muxer is behind: never wait for it
+                else:
+                    voice = self.timeline.read_out(item.index / self.fps, self.samples_per_frame)
+                    proc.stdin.write(RECORD_HEAD.pack(item.index) + item.rgb.tobytes() + voice.tobytes())
+                item = await sub.get()
+            graceful = True  # stopped: the muxer finishes the stream (its encoders, the FLV trailer)
+            return ""
+        finally:
+            await self._end(proc, reader, graceful)
+            self._live = False
+            self.connected_at = None
+
+    async def _end(self, proc: asyncio.subprocess.Process, reader: asyncio.Future[None],
+                   graceful: bool) -> None:
+        if graceful and proc.returncode is None:
+            assert proc.stdin is not None
+            with contextlib.suppress(OSError, RuntimeError):
+                proc.stdin.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(proc.wait()), IO_TIMEOUT_S)
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await proc.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader, 1.0)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+    async def _read_reports(self, stdout: asyncio.StreamReader) -> None:
+        """The muxer's reports: ``{"live": true}``, ``{"bytes": n}`` per frame written, or an error."""
+        async for line in stdout:
             try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            self.dropped_frames += 1
-            self._queue.put_nowait(item)
+                report = json.loads(line)
+            except ValueError:
+                continue
+            if "error" in report:
+                self._last_error = str(report["error"])
+            elif report.get("live"):
+                self._live = True
+                self.state = EgressState.LIVE
+                self.connected_at = time.time()
+                self.error = None
+                self._progress = time.monotonic()
+                log.info("[%s] egress %s live to %s", self.session_id, self.id, redact(self.url))
+            elif "bytes" in report:
+                self._progress = time.monotonic()
+                self.frames_sent += 1
+                self._sent_bytes.append((self._progress, int(report["bytes"])))
 
     def stop(self) -> None:
         """Stop pushing: the muxer finishes the stream (FLV trailer) and closes the connection."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
+        self._stopping = True
+        if self._sub is not None:
+            self.video_out.unsubscribe(self._sub)  # wakes the feed with the end of the stream
 
     async def aclose(self) -> None:
         self.stop()
-        if self._thread.is_alive():
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, IO_TIMEOUT_S * 2)
-
-    # --- the muxer thread -------------------------------------------------------------------
-    def _mux_loop(self) -> None:
-        backoff = BACKOFF_S[0]
-        while not self._stop.is_set():
-            self.state = EgressState.CONNECTING  # frames queue up while the connection opens
-            began = time.monotonic()
-            try:
-                self._stream_once()
-            except Exception as exc:  # the server refused, went away, or timed out
-                if self._stop.is_set():
-                    break
-                self.error = f"{type(exc).__name__}: {exc}"
-                log.warning("[%s] egress %s to %s: %s; retrying in %.0f s", self.session_id, self.id,
-                            redact(self.url), self.error, backoff)
-            else:
-                break  # stopped cleanly
-            self.state = EgressState.RECONNECTING
-            self._drain()
-            if time.monotonic() - began > 30:  # it had been up a while: start the backoff again
-                backoff = BACKOFF_S[0]
-            if self._stop.wait(backoff):
-                break
-            backoff = min(backoff * 2, BACKOFF_S[1])
-            self.reconnects += 1
-        self.state = EgressState.STOPPED
-        self._drain()
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                self.dropped_frames += 1
-
-    def _stream_once(self) -> None:
-        """One connection: open, mux frames until stopped (clean return) or the network fails (raise)."""
-        s = self.settings
-        # the timeout bounds the connect and every write: a server that stalls counts as gone
-        container: Any = av.open(self.url, "w", format="flv", timeout=IO_TIMEOUT_S)
-        try:
-            video = container.add_stream("libx264", rate=self.fps)
-            gop = max(1, round(s.gop_s * self.fps))
-            video.options = {"preset": s.preset, "tune": "zerolatency",
-                             "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0"}
-            video.pix_fmt = "yuv420p"
-            video.bit_rate = s.video_bitrate
-            video.codec_context.time_base = fractions.Fraction(1, self.fps)
-            video.codec_context.thread_count = 1
-            audio = container.add_stream("aac", rate=OUT_RATE)
-            audio.layout = "mono"
-            audio.bit_rate = s.audio_bitrate
-            aac_frame = 1024  # AAC's frame: the voice is cut into these, stamped by sample count
-            pending = np.zeros(0, np.int16)
-            voiced = 0  # samples handed to the AAC encoder so far
-            base: int | None = None
-            last = -1
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    break
-                if base is None:
-                    base = item.index
-                    h, w = item.rgb.shape[:2]
-                    video.width, video.height = w, h
-                k = item.index - base
-                if k <= last:
-                    continue
-                yuv = np.asarray(cv2.cvtColor(item.rgb, cv2.COLOR_RGB2YUV_I420), np.uint8)
-                frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
-                frame.pts = k
-                frame.time_base = fractions.Fraction(1, self.fps)
-                gap = (k - last - 1) * self.samples_per_frame
-                pending = np.concatenate([pending, np.zeros(gap, np.int16), item.voice.astype(np.int16)])
-                last = k
-                packets = list(video.encode(frame))
-                while len(pending) >= aac_frame:
-                    sound = av.AudioFrame.from_ndarray(np.ascontiguousarray(pending[None, :aac_frame]),
-                                                       format="s16", layout="mono")
-                    sound.sample_rate = OUT_RATE
-                    sound.pts = voiced
-                    sound.time_base = fractions.Fraction(1, OUT_RATE)
-                    packets += audio.encode(sound)
-                    pending = pending[aac_frame:]
-                    voiced += aac_frame
-                container.mux(packets)
-                if self.state is not EgressState.LIVE:
-                    self.state = EgressState.LIVE
-                    self.connected_at = time.time()
-                    self.error = None
-                    log.info("[%s] egress %s live to %s", self.session_id, self.id, redact(self.url))
-                self.frames_sent += 1
-                now = time.monotonic()
-                self._sent_bytes.append((now, sum(p.size for p in packets)))
-            for stream in (video, audio):  # what the encoders hold back, then the trailer
-                container.mux(list(stream.encode(None)))
-        finally:
-            self.connected_at = None
-            try:
-                container.close()
-            except Exception as exc:  # a dead connection cannot take its trailer
-                log.debug("egress %s: closing: %s", self.id, exc)
+        if self._sub is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._done.wait(), IO_TIMEOUT_S * 2)
 
     # --- figures ----------------------------------------------------------------------------
     def bitrate_kbps(self) -> float:
@@ -353,6 +320,7 @@ class RtmpEgress:
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "url": redact(self.url), "state": self.state.value,
                 "bitrate_kbps": self.bitrate_kbps(), "video_bitrate": self.settings.video_bitrate,
-                "frames_sent": self.frames_sent, "dropped_frames": self.dropped_frames,
+                "frames_sent": self.frames_sent,
+                "dropped_frames": self.dropped_frames + (self._sub.dropped if self._sub else 0),
                 "reconnects": self.reconnects, "error": self.error,
                 "live_since": self.connected_at, "created": self.created}
