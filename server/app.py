@@ -22,12 +22,12 @@ from pydantic import BaseModel, Field
 
 from server.avatars import DEFAULT_ID, AvatarError, AvatarStore
 from server.host import HostConfig
+from server.signalling import MAX_SDP_BYTES
 from server.workers import SessionGone, WorkerCallError, WorkerError, WorkerPool
 
 log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web_client"
-MAX_SDP_BYTES = 64 * 1024
 
 
 def _rss_bytes() -> int:
@@ -144,7 +144,7 @@ class AvatarServer:
         app.on_startup.append(self.startup)
         app.on_shutdown.append(self.shutdown)
         app.router.add_get("/", self.page)
-        app.router.add_get("/viewer", self.page)
+        app.router.add_get("/viewer", self.viewer_page)
         app.router.add_static("/static/", WEB_ROOT, show_index=False)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics)
@@ -153,6 +153,8 @@ class AvatarServer:
         app.router.add_get("/v1/sessions/{id}", self.get_session)
         app.router.add_delete("/v1/sessions/{id}", self.delete_session)
         app.router.add_post("/v1/sessions/{id}/speech", self.session_speech)
+        app.router.add_post("/v1/sessions/{id}/whep", self.forward)
+        app.router.add_route("*", "/v1/sessions/{id}/whep/{viewer}", self.forward)
         app.router.add_post("/v1/avatars", self.upload_avatar)
         app.router.add_get("/v1/avatars", self.list_avatars)
         app.router.add_get("/v1/avatars/{id}/image", self.avatar_image)
@@ -162,6 +164,23 @@ class AvatarServer:
 
     async def page(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(WEB_ROOT / "index.html")
+
+    async def viewer_page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(WEB_ROOT / "viewer.html")
+
+    async def forward(self, request: web.Request) -> web.Response:
+        """A session call its worker answers in full (WHEP viewers): status, body and headers as given.
+
+        The worker checks the request (content type, SDP, its limits); the main only
+        finds the worker, so every such route is this one handler.
+        """
+        sid = request.match_info["id"]
+        pool = self._pool()
+        data = await request.read() if request.body_exists else None
+        under = request.path[len(f"/v1/sessions/{sid}"):]
+        res = await pool.forward(sid, request.method, under, data=data,
+                                 content_type=request.headers.get("Content-Type"))
+        return web.Response(status=res.status, body=res.body, headers=res.headers)
 
     async def healthz(self, request: web.Request) -> web.Response:
         if not self.ready or self.pool is None:
