@@ -393,6 +393,62 @@ async def test_viewer_page_plays_the_stream_alone_in_chromium(server: RunningSer
     assert layout["audioTracks"] == 1 and not layout["muted"] and not state["muted"], "the voice plays"
 
 
+GESTURE_FOR_SOUND = """(() => {
+  let gesture = false;  // (navigator.userActivation is set already in an automated Chromium)
+  for (const kind of ["pointerdown", "keydown"]) {
+    addEventListener(kind, (ev) => { if (ev.isTrusted) gesture = true; }, true);
+  }
+  const play = HTMLMediaElement.prototype.play;
+  HTMLMediaElement.prototype.play = function () {
+    if (!this.muted && !gesture) {
+      return Promise.reject(new DOMException("play() with sound needs a user gesture", "NotAllowedError"));
+    }
+    return play.call(this);
+  };
+})();"""
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@needs_chromium
+async def test_viewer_page_starts_muted_where_autoplay_needs_a_gesture(server: RunningServer) -> None:
+    """A browser that holds sound back until a gesture still shows the stream, and a click unmutes it.
+
+    Chromium here plays a MediaStream with sound whatever its autoplay flag says, so
+    the page gets the policy of browsers that do hold it back, as they signal it:
+    ``play()`` with sound is refused with ``NotAllowedError`` until the user acts.
+    """
+    from playwright.async_api import async_playwright
+
+    host = AvatarPeer(server.url, keep_frames=False)
+    try:
+        await host.connect()
+        await host.wait_open()
+        assert host.session_url is not None
+        sid = host.session_url.rsplit("/", 1)[1]
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = await browser.new_page()
+                await page.add_init_script(GESTURE_FOR_SOUND)
+                await page.goto(f"{server.url}/viewer?session={sid}")
+                await page.wait_for_function("window.avatarViewer.framesDecoded > 25", timeout=30_000)
+                muted = "window.avatarViewer.muted && document.querySelector('video').muted"
+                assert await page.evaluate(muted)
+                assert await page.text_content("#note") == "click to unmute"
+                await page.mouse.click(10, 10)
+                await page.wait_for_function("!window.avatarViewer.muted", timeout=5_000)
+                assert not await page.evaluate("document.querySelector('video').muted")
+                assert await page.is_hidden("#note")
+                frames = await page.evaluate("window.avatarViewer.framesDecoded")
+                await page.wait_for_function(f"window.avatarViewer.framesDecoded > {frames} + 25",
+                                             timeout=8_000)  # and it goes on playing, with sound
+            finally:
+                await browser.close()
+    finally:
+        await host.close()
+
+
 @pytest.mark.browser
 @pytest.mark.slow
 @needs_chromium

@@ -59,6 +59,10 @@ function waitForIce(peer) {
 
 // Sound on where the browser allows it (OBS does); else muted until the first click or key.
 async function play() {
+  if (state.muted) { // already held back: stay muted until the gesture, do not pause to ask again
+    video.play().catch(() => { /* nothing more to try until a gesture */ });
+    return;
+  }
   video.muted = false;
   try {
     await video.play();
