@@ -316,7 +316,7 @@ class AvatarServer:
                 lines.append(f'avatar_session_worker_sessions{{worker="{w.index}"}} {len(w.sessions)}')
                 for sid, st in w.sessions.items():
                     for key in ("fps", "latency_ms", "av_offset_ms", "held_frames", "late_frames",
-                                "render_ms"):
+                                "render_ms", "viewers"):
                         if st.get(key) is not None:
                             lines.append(f'avatar_session_{key}{{session="{sid}"}} {st[key]}')
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

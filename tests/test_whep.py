@@ -322,6 +322,49 @@ async def test_unknown_and_ended_sessions(server: RunningServer) -> None:
         await host.close(delete=False)
 
 
+async def test_viewers_coming_and_going_leave_nothing_behind(server: RunningServer) -> None:
+    host = AvatarPeer(server.url, keep_frames=False)
+    try:
+        await host.connect()
+        await host.wait_open()
+        assert host.session_url is not None
+        url, sid = host.session_url, host.session_url.rsplit("/", 1)[1]
+
+        async def cycle(k: int) -> None:
+            viewer = WhepViewer(url, keep_frames=False)
+            try:
+                await viewer.connect()
+                await viewer.wait_until(lambda: len(viewer.got.video_times) > 5, 15, "a viewer's video")
+            finally:
+                await viewer.close(delete=k % 2 == 0)  # every other one just leaves
+
+        async def nobody_watches() -> bool:
+            return (await stats(url))["viewers"] == 0
+
+        async def worker_tasks() -> int:
+            await asyncio.sleep(2.5)  # the main asks its workers once a second
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{server.url}/v1/sessions") as res:
+                    index = next(s["session_worker"] for s in (await res.json())["sessions"]
+                                 if s["session"] == sid)
+                async with http.get(f"{server.url}/v1/workers") as res:
+                    return int(next(w["tasks"] for w in (await res.json())["workers"] if w["index"] == index))
+
+        for k in range(2):  # warm up
+            await cycle(k)
+        await until(nobody_watches, 10, "warm-up viewers to be removed")
+        before = await worker_tasks()
+        for k in range(10):
+            await cycle(k)
+        await until(nobody_watches, 10, "viewers to be removed")
+        after = await worker_tasks()
+        assert after <= before + 3, f"the session's worker ran {before} tasks before, {after} after"
+        at = len(host.got.video_times)
+        await host.wait_until(lambda: len(host.got.video_times) > at + 25, 5, "the session going on")
+    finally:
+        await host.close()
+
+
 # --- /viewer in Chromium -------------------------------------------------------------------------
 FRAME_PROBE = """() => {
   const v = document.querySelector('video');
