@@ -1,10 +1,13 @@
 """The media boundary: the session's video and voice leaving, as aiortc ``MediaStreamTrack``s.
 
 Video leaves playout once per session (``VideoOut``), is encoded once per
-codec, and fans out to every output; the voice is read off the timeline.
-Both stamp pts from the session clock and release each frame at ``pts +
-delay`` (the playout delay), so lips and sound leave together. They never
-wait for a producer: video holds the last frame, audio reads silence.
+codec, and fans out to every output; the voice is read off the timeline once
+per session (``AudioOut``), encoded to Opus once, and fans out the same way.
+Every WebRTC peer of the session (its own, WHEP viewers) has one track per
+kind that reads its subscription. Both stamp pts from the session clock and
+release each frame at ``pts + delay`` (the playout delay), so lips and sound
+leave together. They never wait for a producer: video holds the last frame,
+audio reads silence.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import av
 import cv2
@@ -45,6 +48,7 @@ class VideoTrackStats:
     send_lag_ms: deque[float] = field(default_factory=lambda: deque(maxlen=250))
     latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=250))
     sent_at: deque[float] = field(default_factory=lambda: deque(maxlen=100))
+    delivered: int = 0  # encoded frames handed to outputs (one per output per frame)
 
     def fps(self, now: float) -> float:
         return float(sum(1 for t in self.sent_at if t > now - 1.0))
@@ -63,15 +67,20 @@ class OutFrame:
     packets: tuple[av.Packet, ...] = ()  # for encoded outputs
 
 
-class Subscription:
-    """What one output receives: ``kind`` is ``"rgb"`` or a codec; a bounded queue, oldest dropped."""
+T = TypeVar("T")
+
+
+class Subscription(Generic[T]):
+    """What one output receives: ``kind`` is ``"rgb"``, a video codec or ``"opus"``; a bounded
+    queue, oldest dropped (an output that falls behind loses the past, never delays the present).
+    ``None`` ends it."""
 
     def __init__(self, kind: str, maxsize: int) -> None:
         self.kind = kind
-        self.queue: asyncio.Queue[OutFrame | None] = asyncio.Queue(maxsize)
+        self.queue: asyncio.Queue[T | None] = asyncio.Queue(maxsize)
         self.dropped = 0
 
-    def put(self, item: OutFrame | None) -> bool:
+    def put(self, item: T | None) -> bool:
         """Queue ``item``; False if the output had fallen behind and its oldest frame went."""
         dropped = False
         if self.queue.full():
@@ -81,7 +90,7 @@ class Subscription:
         self.queue.put_nowait(item)
         return not dropped
 
-    async def get(self) -> OutFrame | None:
+    async def get(self) -> T | None:
         return await self.queue.get()
 
 
@@ -108,20 +117,24 @@ class VideoOut:
         self.executor = executor
         self.queue_frames = queue_frames
         self.stats = VideoTrackStats()
-        self._subs: list[Subscription] = []
+        self._subs: list[Subscription[OutFrame]] = []
         self._encoders: dict[str, VideoEncoder] = {}
         self._stopped = False
 
-    def subscribe(self, kind: str) -> Subscription:
+    def encoded(self) -> dict[str, int]:
+        """Frames encoded so far, per codec: one encode per frame, however many outputs send it."""
+        return {codec: enc.frames for codec, enc in sorted(self._encoders.items())}
+
+    def subscribe(self, kind: str) -> Subscription[OutFrame]:
         if kind != "rgb" and kind not in CODECS:
             raise ValueError(f"no video output of kind {kind!r}: rgb or one of {', '.join(CODECS)}")
-        sub = Subscription(kind, self.queue_frames)
+        sub: Subscription[OutFrame] = Subscription(kind, self.queue_frames)
         self._subs.append(sub)
         if kind in self._encoders:
             self._encoders[kind].request_keyframe()  # a new viewer starts from a keyframe
         return sub
 
-    def unsubscribe(self, sub: Subscription) -> None:
+    def unsubscribe(self, sub: Subscription[OutFrame]) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
         sub.put(None)
@@ -170,6 +183,8 @@ class VideoOut:
                     if codecs else {}
                 for sub in list(self._subs):
                     out = OutFrame(idx, frame if sub.kind == "rgb" else None, packets.get(sub.kind, ()))
+                    if sub.kind != "rgb":
+                        st.delivered += 1
                     if not sub.put(out) and sub.kind != "rgb":
                         self._encoders[sub.kind].request_keyframe()  # its decoder lost a frame
                 idx += 1
@@ -191,7 +206,7 @@ class EncodedVideoTrack(MediaStreamTrack):
         super().__init__()
         self.out = out
         self.codec: str | None = None  # the negotiated codec, known once the answer is made
-        self.sub: Subscription | None = None
+        self.sub: Subscription[OutFrame] | None = None
         self.sender: Any = None  # set by signalling: keyframes the receiver asks for
         self._pending: list[av.Packet] = []
 
@@ -251,39 +266,97 @@ class RawVideoTrack(MediaStreamTrack):
         super().stop()
 
 
-class AvatarAudioTrack(MediaStreamTrack):
-    """The avatar's voice: the session timeline, delayed by the video latency."""
+class AudioOut:
+    """The session's voice leaving the timeline: one 40 ms packet at ``pts + delay``, encoded once.
 
-    kind = "audio"
+    A task reads packet ``k`` off the timeline when it is due (``k * 40 ms + delay``;
+    a stall skips ahead to the present rather than sending a backlog), encodes it to
+    Opus once and hands the packet to every subscribed output, as ``VideoOut`` does
+    for frames. Its figures (how late packets leave, the level) are the session's.
+    """
 
-    def __init__(self, timeline: AudioTimeline, clock: Clock, delay_s: float) -> None:
-        super().__init__()
+    def __init__(self, timeline: AudioTimeline, clock: Clock, delay_s: float, *,
+                 queue_packets: int = round(CATCH_UP_S / AUDIO_PTIME)) -> None:
         self.timeline = timeline
         self.clock = clock
         self.delay_s = delay_s
-        self.next_index = 0
+        self.queue_packets = queue_packets
         self.send_lag_ms: deque[float] = deque(maxlen=250)
-        self.level: deque[float] = deque(maxlen=50)  # RMS of recent frames (dBFS)
+        self.level: deque[float] = deque(maxlen=50)  # RMS of recent packets (dBFS)
+        self.encoded = 0  # packets encoded: one per 40 ms with anyone listening
+        self.delivered = 0  # packets handed to outputs (one per output per packet)
         self._opus = OpusEncoder(OUT_RATE, frame_ms=round(AUDIO_PTIME * 1000))
+        self._subs: list[Subscription[av.Packet]] = []
+        self._stopped = False
 
     def due_time(self, index: int) -> float:
         return index * AUDIO_PTIME + self.delay_s
 
+    def subscribe(self) -> Subscription[av.Packet]:
+        sub: Subscription[av.Packet] = Subscription("opus", self.queue_packets)
+        self._subs.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription[av.Packet]) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+        sub.put(None)
+
+    async def run(self) -> None:
+        idx = 0
+        try:
+            while not self._stopped:
+                now = self.clock.now()
+                if now > self.due_time(idx) + CATCH_UP_S:
+                    idx = max(idx, int((now - self.delay_s) / AUDIO_PTIME))
+                await self.clock.sleep_until(self.due_time(idx))
+                samples = self.timeline.read_out(idx * AUDIO_PTIME, AUDIO_SAMPLES)
+                self.send_lag_ms.append((self.clock.now() - self.due_time(idx)) * 1000)
+                rms = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) / 32768 + 1e-9
+                self.level.append(20 * np.log10(rms))
+                if self._subs:  # nobody listening: nothing to encode
+                    packets = self._opus.encode(samples, idx * AUDIO_SAMPLES)
+                    self.encoded += 1
+                    for sub in list(self._subs):
+                        for packet in packets:
+                            sub.put(packet)
+                            self.delivered += 1
+                idx += 1
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self._stopped = True
+        for sub in list(self._subs):
+            self.unsubscribe(sub)
+
+
+class EncodedAudioTrack(MediaStreamTrack):
+    """A WebRTC peer's voice: the session's Opus packets (aiortc only packetizes them).
+
+    It subscribes on its first ``recv``, when its sender starts, so a peer that is
+    still connecting holds no backlog to burst out once it is connected.
+    """
+
+    kind = "audio"
+
+    def __init__(self, out: AudioOut) -> None:
+        super().__init__()
+        self.out = out
+        self.sub: Subscription[av.Packet] | None = None
+
     async def recv(self) -> av.Packet:
-        """The next packet of the voice, Opus-encoded, when it is due (aiortc only packetizes it)."""
-        while True:
-            if self.readyState != "live":
-                raise MediaStreamError
-            idx = self.next_index
-            now = self.clock.now()
-            if now > self.due_time(idx) + CATCH_UP_S:
-                idx = max(idx, int((now - self.delay_s) / AUDIO_PTIME))
-            await self.clock.sleep_until(self.due_time(idx))
-            samples = self.timeline.read_out(idx * AUDIO_PTIME, AUDIO_SAMPLES)
-            self.next_index = idx + 1
-            self.send_lag_ms.append((self.clock.now() - self.due_time(idx)) * 1000)
-            rms = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) / 32768 + 1e-9
-            self.level.append(20 * np.log10(rms))
-            packets = self._opus.encode(samples, idx * AUDIO_SAMPLES)
-            if packets:
-                return packets[0]
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self.sub is None:
+            self.sub = self.out.subscribe()
+        packet = await self.sub.get()
+        if packet is None:
+            self.stop()
+            raise MediaStreamError
+        return packet
+
+    def stop(self) -> None:
+        if self.sub is not None:
+            self.out.unsubscribe(self.sub)
+        super().stop()

@@ -22,12 +22,12 @@ from pydantic import BaseModel, Field
 
 from server.avatars import DEFAULT_ID, AvatarError, AvatarStore
 from server.host import HostConfig
+from server.signalling import MAX_SDP_BYTES
 from server.workers import SessionGone, WorkerCallError, WorkerError, WorkerPool
 
 log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web_client"
-MAX_SDP_BYTES = 64 * 1024
 
 
 def _rss_bytes() -> int:
@@ -144,7 +144,7 @@ class AvatarServer:
         app.on_startup.append(self.startup)
         app.on_shutdown.append(self.shutdown)
         app.router.add_get("/", self.page)
-        app.router.add_get("/viewer", self.page)
+        app.router.add_get("/viewer", self.viewer_page)
         app.router.add_static("/static/", WEB_ROOT, show_index=False)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics)
@@ -153,10 +153,10 @@ class AvatarServer:
         app.router.add_get("/v1/sessions/{id}", self.get_session)
         app.router.add_delete("/v1/sessions/{id}", self.delete_session)
         app.router.add_post("/v1/sessions/{id}/speech", self.session_speech)
-        app.router.add_post("/v1/sessions/{id}/egress", self.start_egress)
-        app.router.add_get("/v1/sessions/{id}/egress", self.list_egress)
-        app.router.add_get("/v1/sessions/{id}/egress/{eid}", self.get_egress)
-        app.router.add_delete("/v1/sessions/{id}/egress/{eid}", self.stop_egress)
+        app.router.add_route("*", "/v1/sessions/{id}/egress", self.forward)
+        app.router.add_route("*", "/v1/sessions/{id}/egress/{eid}", self.forward)
+        app.router.add_post("/v1/sessions/{id}/whep", self.forward)
+        app.router.add_route("*", "/v1/sessions/{id}/whep/{viewer}", self.forward)
         app.router.add_post("/v1/avatars", self.upload_avatar)
         app.router.add_get("/v1/avatars", self.list_avatars)
         app.router.add_get("/v1/avatars/{id}/image", self.avatar_image)
@@ -166,6 +166,23 @@ class AvatarServer:
 
     async def page(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(WEB_ROOT / "index.html")
+
+    async def viewer_page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(WEB_ROOT / "viewer.html")
+
+    async def forward(self, request: web.Request) -> web.Response:
+        """A session call its worker answers in full (WHEP viewers, egress): status, body and headers.
+
+        The worker checks the request (content type, SDP, its limits); the main only
+        finds the worker, so every such route is this one handler.
+        """
+        sid = request.match_info["id"]
+        pool = self._pool()
+        data = await request.read() if request.body_exists else None
+        under = request.path[len(f"/v1/sessions/{sid}"):]
+        res = await pool.forward(sid, request.method, under, data=data,
+                                 content_type=request.headers.get("Content-Type"))
+        return web.Response(status=res.status, body=res.body, headers=res.headers)
 
     async def healthz(self, request: web.Request) -> web.Response:
         if not self.ready or self.pool is None:
@@ -219,41 +236,6 @@ class AvatarServer:
                                      status=415)
         body = await pool.session_call(sid, "POST", "/speech", data=data)
         return web.json_response(body, status=202)
-
-    async def start_egress(self, request: web.Request) -> web.Response:
-        """Push the session to an RTMP(S) server: ``{"url": ...}`` (or ``server`` and ``key``)."""
-        from realtime.egress import EgressError, EgressRequest
-
-        sid = request.match_info["id"]
-        pool = self._pool()
-        if pool.owner(sid) is None:
-            raise SessionGone(sid, pool.ended.get(sid))
-        try:
-            data = await request.json()
-        except ValueError:
-            return web.json_response({"error": 'send JSON: {"url": "rtmp://host/app/stream-key"}'},
-                                     status=422)
-        try:
-            body = EgressRequest.parse(data)
-        except EgressError as exc:
-            return web.json_response({"error": str(exc)}, status=422)
-        egress = await pool.session_call(sid, "POST", "/egress",
-                                         data=body.model_dump_json(include={"url", "video_bitrate",
-                                                                            "audio_bitrate"}).encode())
-        return web.json_response(egress, status=201,
-                                 headers={"Location": f"/v1/sessions/{sid}/egress/{egress['id']}"})
-
-    async def list_egress(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._pool().session_call(request.match_info["id"], "GET", "/egress"))
-
-    async def get_egress(self, request: web.Request) -> web.Response:
-        sid, eid = request.match_info["id"], request.match_info["eid"]
-        return web.json_response(await self._pool().session_call(sid, "GET", f"/egress/{eid}"))
-
-    async def stop_egress(self, request: web.Request) -> web.Response:
-        sid, eid = request.match_info["id"], request.match_info["eid"]
-        await self._pool().session_call(sid, "DELETE", f"/egress/{eid}")
-        return web.Response(status=204)
 
     async def get_session(self, request: web.Request) -> web.Response:
         stats = await self._pool().session_call(request.match_info["id"], "GET")
@@ -336,7 +318,7 @@ class AvatarServer:
                 lines.append(f'avatar_session_worker_sessions{{worker="{w.index}"}} {len(w.sessions)}')
                 for sid, st in w.sessions.items():
                     for key in ("fps", "latency_ms", "av_offset_ms", "held_frames", "late_frames",
-                                "render_ms"):
+                                "render_ms", "viewers"):
                         if st.get(key) is not None:
                             lines.append(f'avatar_session_{key}{{session="{sid}"}} {st[key]}')
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

@@ -23,6 +23,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN server URL (none by default)")
     p.add_argument("--max-sessions", type=int, default=4)
+    p.add_argument("--max-viewers", type=int, default=10, metavar="N",
+                   help="WHEP viewers per session (POST /v1/sessions/{id}/whep); 0 turns them off")
     p.add_argument("--max-upload-mb", type=float, default=10.0)
     p.add_argument("--data-dir", type=Path, default=Path("data"))
     p.add_argument("--token", default=os.environ.get("AVATAR_TOKEN"),
@@ -92,6 +94,9 @@ def serve(args: argparse.Namespace) -> int:
     if args.cpu_threads < 1:
         log.error("--cpu-threads must be at least 1, got %d", args.cpu_threads)
         return 2
+    if args.max_viewers < 0:
+        log.error("--max-viewers must be 0 or more, got %d", args.max_viewers)
+        return 2
     director_options = {"llm_url": args.llm_url, "llm_model": args.llm_model, "llm_key": args.llm_key,
                         "llm_timeout_s": args.llm_timeout, "llm_rounds": args.llm_rounds}
     try:
@@ -110,7 +115,7 @@ def serve(args: argparse.Namespace) -> int:
         cpu_threads=args.cpu_threads,
         # live transcripts for the director share a quarter of one core, whatever the worker count
         live_transcription_duty=0.25 / workers,
-        video_codecs=[c.strip().upper() for c in args.video_codecs.split(",")],
+        video_codecs=[c.strip().upper() for c in args.video_codecs.split(",")], max_viewers=args.max_viewers,
         director_timeout_s=args.llm_timeout + 2.0 if args.director == "llm" else 1.5,
     )
     config = ServerConfig(

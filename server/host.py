@@ -25,7 +25,7 @@ from engines.director.base import Director
 from realtime.scheduler import SchedulerConfig
 from server.avatars import AvatarStore
 from server.session import Session, SessionSettings
-from server.signalling import WebRTCPeer
+from server.signalling import ViewerPeer, WebRTCPeer
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class HostConfig(BaseModel):
     director_timeout_s: float = Field(1.5, gt=0)
     live_transcription_duty: float = Field(0.25, gt=0, le=1)  # share of a core for this process
     video_codecs: list[str] = Field(default_factory=lambda: ["H264", "VP8"])  # preferred first
+    max_viewers: int = Field(10, ge=0)  # WHEP viewers per session
 
 
 class SessionHost:
@@ -175,7 +176,7 @@ class SessionHost:
         settings = SessionSettings(
             delay_s=self.playout_delay_s, video_codecs=tuple(c.video_codecs),
             scheduler=SchedulerConfig(subclip_frames=c.subclip_frames, workers=c.workers),
-            director_timeout_s=c.director_timeout_s,
+            director_timeout_s=c.director_timeout_s, max_viewers=c.max_viewers,
         )
         session = Session(engine=self.engine, prepared=prepared, avatar_id=avatar_id,
                           avatar_image=image, idle_frame=idle, director=self.director_factory(),
@@ -191,6 +192,14 @@ class SessionHost:
         log.info("[%s] session created (avatar %s, %d live here)", session.id, avatar_id,
                  len(self.sessions))
         return session, answer
+
+    async def add_viewer(self, session: Session, offer_sdp: str) -> tuple[ViewerPeer, str]:
+        """A WHEP viewer of ``session`` answering ``offer_sdp``: (viewer, SDP answer).
+
+        ``ViewersFull`` when the session has ``max_viewers``; ``OfferError`` for a bad offer.
+        """
+        viewer = ViewerPeer(session, self.rtc_configuration(), self.config.video_codecs)
+        return viewer, await session.add_viewer(viewer, offer_sdp)
 
     def _forget(self, session: Session) -> None:
         self.sessions.pop(session.id, None)

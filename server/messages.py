@@ -141,6 +141,7 @@ class Stats(_Out):
     type: Literal["stats"] = "stats"
     session: str
     t: float
+    started_at: float = Field(0.0, description="when the session started (Unix time)")
     fps: float
     latency_ms: float | None = Field(description="p95, audio arrival to frame hand-off")
     latency_p50_ms: float | None
@@ -148,6 +149,12 @@ class Stats(_Out):
     implied_latency_ms: float
     av_offset_ms: float
     frames_sent: int
+    viewers: int = Field(0, description="WHEP viewers watching now")
+    video_encoded: dict[str, int] = Field(
+        default_factory=dict, description="frames encoded per codec: once per frame, for every output")
+    video_delivered: int = Field(0, description="encoded frames handed to outputs, one per output")
+    audio_encoded: int = Field(0, description="voice packets (40 ms of Opus) encoded")
+    audio_delivered: int = Field(0, description="voice packets handed to outputs, one per output")
     held_frames: int
     late_frames: int
     dropped_frames: int

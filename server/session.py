@@ -1,7 +1,8 @@
 """One live session: its pipeline, the tasks that run it, and its outputs.
 
 Data flows one way: mic track -> ingest -> timeline -> scheduler (engine
-workers) -> playout -> outgoing tracks; known speech (Say text, uploads)
+workers) -> playout -> outgoing tracks (the session's own peer and its WHEP
+viewers read the same encoded video and voice); known speech (Say text, uploads)
 enters the timeline through the speech input. Control travels as small
 events (``realtime.events``): ingest, speech input and the host's control
 post to the planner's and the scheduler's inboxes, the planner posts the plan
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -34,10 +36,10 @@ from realtime.scheduler import CascadeScheduler, SchedulerConfig
 from realtime.speech import SpeechInput
 from realtime.tasks import TaskOwner
 from realtime.timeline import AudioTimeline
-from realtime.tracks import AvatarAudioTrack, VideoOut
+from realtime.tracks import AudioOut, VideoOut
 from server.control import SessionControl
 from server.messages import OutMessage, Stats
-from server.signalling import WebRTCPeer
+from server.signalling import ViewerPeer, WebRTCPeer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,11 @@ class SessionSettings:
     video_codecs: tuple[str, ...] = ("H264", "VP8")  # in order of preference, as offered
     window_s: float = 2.0
     director_timeout_s: float = 1.5
+    max_viewers: int = 10  # WHEP viewers at once
+
+
+class ViewersFull(RuntimeError):
+    """The session has as many viewers as it takes."""
 
 
 def _median(values: Any) -> float | None:
@@ -66,6 +73,7 @@ class Session:
                  settings: SessionSettings, on_closed: Callable[[Session], None] | None = None,
                  clock: Clock | None = None) -> None:
         self.id = secrets.token_hex(8)
+        self.started_at = time.time()
         self.engine = engine
         self.settings = settings
         self.avatar_id = avatar_id
@@ -93,9 +101,10 @@ class Session:
                                       send=self.send, characters=self.characters, session_id=self.id)
         self.video_out = VideoOut(self.playout, self.clock, self.timeline, idle_frame,
                                   banner=engine.banner(), executor=executor)
-        self.audio = AvatarAudioTrack(self.timeline, self.clock, settings.delay_s)
+        self.audio_out = AudioOut(self.timeline, self.clock, settings.delay_s)
         self.peer: WebRTCPeer | None = None
         self.egresses: dict[str, RtmpEgress] = {}
+        self.viewers: dict[str, ViewerPeer] = {}
         self._listeners: list[Callable[[OutMessage], None]] = []
         self.closed = asyncio.Event()
         self._on_closed = on_closed
@@ -110,6 +119,7 @@ class Session:
         self._started = True
         self.tasks.spawn(self.scheduler.run(), "scheduler")
         self.tasks.spawn(self.video_out.run(), "video out")
+        self.tasks.spawn(self.audio_out.run(), "audio out")
         self.tasks.spawn(self.planner.run(), "planner")
         self.tasks.spawn(self._housekeeping(), "housekeeping")
 
@@ -120,6 +130,39 @@ class Session:
         self.subscribe(lambda message: peer.send(message.wire()))
         self.start()
         return answer
+
+    async def add_viewer(self, viewer: ViewerPeer, offer_sdp: str) -> str:
+        """Answer a WHEP viewer's offer: it receives this session's encoded video and voice.
+
+        ``ViewersFull`` past ``max_viewers``; ``OfferError`` for an offer it cannot
+        answer (the viewer is closed again). The viewer's place is taken before the
+        answer is awaited, so viewers arriving together cannot pass the limit.
+        """
+        if self._closing:
+            raise ViewersFull("the session is ending")
+        limit = self.settings.max_viewers
+        if not limit:
+            raise ViewersFull("this server takes no viewers (avatar serve --max-viewers 0)")
+        if len(self.viewers) >= limit:
+            raise ViewersFull(f"the session has all the viewers it takes ({limit}, avatar serve "
+                              "--max-viewers); retry later")
+        self.viewers[viewer.id] = viewer
+        try:
+            answer = await viewer.answer(offer_sdp)
+        except BaseException:
+            await self.remove_viewer(viewer.id)
+            raise
+        log.info("[%s] viewer %s added (%d watching)", self.id, viewer.id, len(self.viewers))
+        return answer
+
+    async def remove_viewer(self, viewer_id: str) -> bool:
+        """End a viewer (its DELETE, or its connection failed or closed); False if unknown."""
+        viewer = self.viewers.pop(viewer_id, None)
+        if viewer is None:
+            return False
+        await viewer.close()
+        log.info("[%s] viewer %s removed (%d watching)", self.id, viewer_id, len(self.viewers))
+        return True
 
     def subscribe(self, listener: Callable[[OutMessage], None]) -> None:
         """Messages for the client (stats, acks, errors) also go to ``listener``."""
@@ -165,12 +208,13 @@ class Session:
         now = self.clock.now()
         vs, ps, sched = self.video_out.stats, self.playout.stats, self.scheduler
         v_lag = _median(vs.send_lag_ms) or 0.0
-        a_lag = _median(self.audio.send_lag_ms) or 0.0
+        a_lag = _median(self.audio_out.send_lag_ms) or 0.0
         p95, p50 = vs.latency_percentile_ms(95), vs.latency_percentile_ms(50)
         margin, mic = _median(sched.stats.margin_ms), _median(self.ingest.lag_ms)
         return Stats(
             session=self.id,
             t=round(now, 3),
+            started_at=round(self.started_at, 3),
             fps=vs.fps(now),
             latency_ms=round(p95, 1) if p95 is not None else None,
             latency_p50_ms=round(p50, 1) if p50 is not None else None,
@@ -178,6 +222,11 @@ class Session:
             implied_latency_ms=round(sched.implied_latency_s() * 1000, 1),
             av_offset_ms=round(v_lag - a_lag, 1),
             frames_sent=vs.sent,
+            viewers=len(self.viewers),
+            video_encoded=self.video_out.encoded(),
+            video_delivered=vs.delivered,
+            audio_encoded=self.audio_out.encoded,
+            audio_delivered=self.audio_out.delivered,
             held_frames=ps.held,
             late_frames=ps.late,
             dropped_frames=ps.dropped,
@@ -218,7 +267,8 @@ class Session:
         except Exception:  # a director that cannot close cleanly must not keep the session
             log.exception("[%s] director close failed", self.id)
         self.video_out.stop()
-        self.audio.stop()
+        self.audio_out.stop()
+        await asyncio.gather(*(self.remove_viewer(v) for v in list(self.viewers)), return_exceptions=True)
         if self.peer is not None:
             await self.peer.close()
         self.closed.set()

@@ -12,12 +12,21 @@ shared models, answers on a loopback HTTP port of its own and prints
 ``GET /sessions``, ``GET /sessions/{id}``  stats
 ``DELETE /sessions/{id}``                 ``204``
 ``POST /sessions/{id}/speech`` (audio)    ``202 {"duration_s"}``; 413/415/422 as the main's
-``POST /sessions/{id}/egress`` (JSON)     ``201`` the new egress; 422 for a bad URL or settings
+``POST /sessions/{id}/egress`` (JSON)     ``201`` the new egress, ``Location``; 422 bad URL or settings
 ``GET /sessions/{id}/egress[/{eid}]``     the session's egresses (RTMP pushes), or one
 ``DELETE /sessions/{id}/egress/{eid}``    ``204``: stop pushing
+``POST /sessions/{id}/whep`` (SDP offer)  ``201``, SDP answer, ``Location: /sessions/{id}/whep/{viewer}``;
+                                          400 bad offer, 413, 415, 503 + ``Retry-After`` (viewers full)
+``DELETE /sessions/{id}/whep/{viewer}``   ``204``; 404 unknown viewer
+``PATCH /sessions/{id}/whep/{viewer}``    ``405``: no trickle ICE, every candidate is in the answer
 ``DELETE /avatars/{id}``                  forget a prepared avatar
 ``GET /healthz``                          sessions, tasks, memory
 ========================================  ==============================================
+
+The WHEP routes answer in full (status, body, ``Location``, ``Retry-After``,
+``Allow``): the main passes them through to the client as they are, with its
+``/v1`` in front of a ``Location``, for the worker's paths are the main's
+without it.
 
 WebRTC media goes straight between the client and the worker (the answer
 carries the worker's ICE candidates). The worker exits when its parent does.
@@ -39,13 +48,15 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from server.host import HostConfig, SessionHost
-from server.signalling import OfferError
+from server.session import ViewersFull
+from server.signalling import MAX_SDP_BYTES, OfferError
 
 log = logging.getLogger(__name__)
 
 TOKEN_HEADER = "X-Worker-Token"
 PATH_OPTIONS = ("weights", "trt_engines", "wav2vec")  # engine options that are paths (JSON has strings)
 PARENT_CHECK_S = 1.0
+PASSED_HEADERS = ("Retry-After", "Allow")  # what an error keeps of its headers
 
 
 class WorkerStart(BaseModel):
@@ -80,7 +91,8 @@ class WorkerApp:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return web.json_response({"error": exc.reason}, status=exc.status)
+            return web.json_response({"error": exc.reason}, status=exc.status,
+                                     headers={k: exc.headers[k] for k in PASSED_HEADERS if k in exc.headers})
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=256 * 1024 * 1024, middlewares=[self.guard])
@@ -94,6 +106,9 @@ class WorkerApp:
         app.router.add_get("/sessions/{id}/egress", self.list_egress)
         app.router.add_get("/sessions/{id}/egress/{eid}", self.get_egress)
         app.router.add_delete("/sessions/{id}/egress/{eid}", self.stop_egress)
+        app.router.add_post("/sessions/{id}/whep", self.whep_offer)
+        app.router.add_delete("/sessions/{id}/whep/{viewer}", self.whep_delete)
+        app.router.add_patch("/sessions/{id}/whep/{viewer}", self.whep_patch)
         app.router.add_delete("/avatars/{id}", self.forget_avatar)
         return app
 
@@ -153,7 +168,8 @@ class WorkerApp:
         except ValueError as exc:  # EgressError, or a body that is not JSON
             message = str(exc) if isinstance(exc, EgressError) else "the body is not valid JSON"
             return web.json_response({"error": message}, status=422)
-        return web.json_response(egress.describe(), status=201)
+        return web.json_response(egress.describe(), status=201,
+                                 headers={"Location": f"/sessions/{session.id}/egress/{egress.id}"})
 
     async def list_egress(self, request: web.Request) -> web.Response:
         session = self._session(request)
@@ -173,6 +189,41 @@ class WorkerApp:
         session, egress = self._egress(request)
         await session.stop_egress(egress.id)
         return web.Response(status=204)
+
+    async def whep_offer(self, request: web.Request) -> web.Response:
+        """A WHEP viewer's offer (draft-ietf-wish-whep): ``201``, the SDP answer and the viewer's resource."""
+        session = self._session(request)
+        if request.content_type != "application/sdp":
+            raise web.HTTPUnsupportedMediaType(
+                reason=f"send the SDP offer as Content-Type: application/sdp (got {request.content_type!r})")
+        raw = await request.content.read(MAX_SDP_BYTES + 1)
+        if len(raw) > MAX_SDP_BYTES:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_SDP_BYTES, actual_size=len(raw),
+                                                reason=f"SDP offer too large (at most {MAX_SDP_BYTES} bytes)")
+        try:
+            sdp = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise web.HTTPBadRequest(reason="SDP offer is not UTF-8 text") from exc
+        try:
+            viewer, answer = await self.host.add_viewer(session, sdp)
+        except ViewersFull as exc:
+            raise web.HTTPServiceUnavailable(reason=str(exc), headers={"Retry-After": "10"}) from exc
+        except OfferError as exc:
+            raise web.HTTPBadRequest(reason=str(exc)) from exc
+        return web.Response(status=201, text=answer, content_type="application/sdp",
+                            headers={"Location": f"/sessions/{session.id}/whep/{viewer.id}"})
+
+    async def whep_delete(self, request: web.Request) -> web.Response:
+        viewer = request.match_info["viewer"]
+        if not await self._session(request).remove_viewer(viewer):
+            raise web.HTTPNotFound(reason=f"no viewer {viewer!r} of this session (ended, or never was)")
+        return web.Response(status=204)
+
+    async def whep_patch(self, request: web.Request) -> web.Response:
+        self._session(request)
+        raise web.HTTPMethodNotAllowed(
+            "PATCH", ["DELETE"], reason="trickle ICE is not supported: every candidate is in the SDP "
+                                        "answer, and the offer should carry all of the viewer's")
 
     async def forget_avatar(self, request: web.Request) -> web.Response:
         self.host.forget_avatar(request.match_info["id"])

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -33,8 +34,21 @@ POLL_S = 1.0
 ENDED_KEPT = 200  # sessions that ended, remembered so a client can learn why
 
 
+PASSED_HEADERS = ("Content-Type", "Location", "Retry-After", "Allow")  # a forwarded answer keeps these
+
+
 class WorkerError(RuntimeError):
     """A worker could not be started, or a call to it failed."""
+
+
+@dataclass(slots=True, frozen=True)
+class WorkerAnswer:
+    """What a worker answered: its status, body and the headers a client is to see."""
+
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str]
 
 
 @dataclass
@@ -201,20 +215,35 @@ class WorkerPool:
     def owner(self, sid: str) -> WorkerHandle | None:
         return next((w for w in self.alive() if sid in w.sessions), None)
 
+    async def _request(self, handle: WorkerHandle, method: str, path: str, *, data: bytes | None = None,
+                       params: dict[str, str] | None = None, content_type: str | None = None
+                       ) -> WorkerAnswer:
+        """One call to a worker, answered in full; ``WorkerError`` if it did not answer."""
+        assert self._http is not None
+        headers = {"Content-Type": content_type} if content_type else None
+        try:
+            async with self._http.request(method, handle.url + path, data=data, params=params,
+                                          headers=headers) as res:
+                return WorkerAnswer(res.status, await res.read(), res.content_type,
+                                    {k: res.headers[k] for k in PASSED_HEADERS if k in res.headers})
+        except aiohttp.ClientError as exc:
+            raise WorkerError(f"session worker {handle.index} did not answer: {exc}") from exc
+
     async def _call(self, handle: WorkerHandle, method: str, path: str, *, data: bytes | None = None,
                     params: dict[str, str] | None = None, expect_json: bool = True
                     ) -> Any:
-        assert self._http is not None
-        try:
-            async with self._http.request(method, handle.url + path, data=data, params=params) as res:
-                wants = expect_json or res.status >= 400  # an error's body says why
-                body = await res.json() if wants and res.content_type == "application/json" else None
-                if res.status >= 400:
-                    message = body.get("error") if isinstance(body, dict) else res.reason
-                    raise WorkerCallError(res.status, str(message))
-                return body
-        except aiohttp.ClientError as exc:
-            raise WorkerError(f"session worker {handle.index} did not answer: {exc}") from exc
+        """A call whose answer is JSON for the main itself; ``WorkerCallError`` if the worker refused."""
+        res = await self._request(handle, method, path, data=data, params=params)
+        body = None
+        if res.content_type == "application/json" and (expect_json or res.status >= 400):
+            try:
+                body = json.loads(res.body)
+            except ValueError as exc:
+                raise WorkerError(f"session worker {handle.index} answered bad JSON: {exc}") from exc
+        if res.status >= 400:
+            message = body.get("error") if isinstance(body, dict) else f"session worker answered {res.status}"
+            raise WorkerCallError(res.status, str(message))
+        return body
 
     async def create_session(self, avatar_id: str, offer_sdp: str) -> tuple[str, str, WorkerHandle]:
         """Place a session on the least loaded worker: (session id, SDP answer, its worker)."""
@@ -238,6 +267,23 @@ class WorkerPool:
             raise SessionGone(sid, self.ended.get(sid))
         return await self._call(handle, method, f"/sessions/{sid}{path}", data=data,
                                 expect_json=method != "DELETE")
+
+    async def forward(self, sid: str, method: str, path: str, *, data: bytes | None = None,
+                      content_type: str | None = None) -> WorkerAnswer:
+        """A client's call about a session, answered by its worker as the client is to see it.
+
+        The worker's paths are the main's without ``/v1``, so a ``Location`` it
+        answers gets the ``/v1`` back. ``SessionGone`` if no worker holds ``sid``.
+        """
+        handle = self.owner(sid)
+        if handle is None:
+            raise SessionGone(sid, self.ended.get(sid))
+        res = await self._request(handle, method, f"/sessions/{sid}{path}", data=data,
+                                  content_type=content_type)
+        location = res.headers.get("Location", "")
+        if location.startswith("/sessions/"):
+            return replace(res, headers={**res.headers, "Location": "/v1" + location})
+        return res
 
     async def delete_session(self, sid: str) -> None:
         await self.session_call(sid, "DELETE")

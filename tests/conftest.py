@@ -10,6 +10,7 @@ import pytest
 from server.launch import ServerProcess
 
 MAX_SESSIONS = 3
+MAX_VIEWERS = 2
 RunningServer = ServerProcess
 
 
@@ -43,7 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
     restrict_host_candidates(["127.0.0.1"])  # the test peers stay on loopback too
     proc = ServerProcess(tmp_path_factory.mktemp("server"), "--max-sessions", str(MAX_SESSIONS),
-                         "--max-upload-mb", "2", "--consent-interval", "0.5",
-                         "--consent-failures", "3")
+                         "--max-viewers", str(MAX_VIEWERS), "--max-upload-mb", "2",
+                         "--consent-interval", "0.5", "--consent-failures", "3")
     with proc:
         yield proc

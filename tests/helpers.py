@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -55,6 +57,15 @@ def returned_envelope(peer: Any, hop: float = 0.04) -> tuple[np.ndarray, np.ndar
     rms = np.array([np.sqrt(np.mean(c ** 2)) for c in chunks])
     grid = np.arange(t[0], t[-1], hop)
     return grid, np.interp(grid, t, rms)
+
+
+async def until(cond: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    """Poll ``await cond()`` (what only a request can tell, e.g. the server's figures) until it holds."""
+    deadline = time.monotonic() + within
+    while not await cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.1)
 
 
 @functools.cache

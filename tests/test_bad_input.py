@@ -8,7 +8,6 @@ import json
 import signal
 import sys
 import textwrap
-import time
 
 import aiohttp
 import numpy as np
@@ -17,7 +16,7 @@ from PIL import Image
 
 from server.peer import AvatarPeer
 from tests.conftest import MAX_SESSIONS, RunningServer
-from tests.helpers import astronaut, speech, wav_bytes
+from tests.helpers import astronaut, speech, until, wav_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -42,14 +41,6 @@ async def post(url: str, data: bytes, ctype: str) -> tuple[int, dict, dict]:
 async def live_sessions(url: str) -> int:
     async with aiohttp.ClientSession() as http, http.get(f"{url}/v1/sessions") as res:
         return len((await res.json())["sessions"])
-
-
-async def until(cond, within: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + within
-    while not await cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.mark.parametrize("body,ctype,status,words", [

@@ -44,6 +44,10 @@ async def test_host_console_in_chromium(server: RunningServer, tmp_path: Path) -
             await page.wait_for_function(
                 "window.avatarClient.connected && window.avatarClient.framesDecoded > 25",
                 timeout=30_000)
+            # the viewer link for OBS: this session's /viewer
+            sid = (await page.evaluate("window.avatarClient.sessionUrl")).rsplit("/", 1)[1]
+            assert await page.is_visible("#viewer-link")
+            assert await page.input_value("#viewer-link") == f"{server.url}/viewer?session={sid}"
             t1 = await page.evaluate("window.avatarClient.videoTime")
             await page.wait_for_function(f"window.avatarClient.videoTime > {t1} + 1.0",
                                          timeout=5_000)  # the video plays, time advances

@@ -17,7 +17,7 @@ from realtime.events import AudioArrived, Interrupted, PlanChanged, SpeechQueued
 from realtime.playout import Playout
 from realtime.scheduler import CascadeScheduler, SchedulerConfig
 from realtime.timeline import AudioTimeline
-from realtime.tracks import AvatarAudioTrack, RawVideoTrack, VideoOut
+from realtime.tracks import AudioOut, EncodedAudioTrack, RawVideoTrack, VideoOut
 
 
 class ManualExecutor(Executor):
@@ -329,9 +329,11 @@ async def test_a_slow_worker_degrades_playout_without_av_drift() -> None:
     idle = np.zeros((8, 8, 3), np.uint8)
     out = VideoOut(playout, clock, timeline, idle)
     video = RawVideoTrack(out)
-    audio = AvatarAudioTrack(timeline, clock, 0.12)
+    voice = AudioOut(timeline, clock, 0.12)
+    audio = EncodedAudioTrack(voice)
     task = asyncio.ensure_future(sched.run())
     pacer = asyncio.ensure_future(out.run())
+    voice_pacer = asyncio.ensure_future(voice.run())
     sent_v: list[tuple[float, float]] = []
     sent_a: list[tuple[float, float]] = []
 
@@ -356,11 +358,11 @@ async def test_a_slow_worker_degrades_playout_without_av_drift() -> None:
         # ...but every frame and every audio packet left exactly at pts + delay: no drift
         assert all(abs(t - pts - 0.12) < 1e-9 for t, pts in sent_v)
         assert all(abs(t - pts - 0.12) < 1e-9 for t, pts in sent_a)
-        assert len(sent_v) >= 45
+        assert len(sent_v) >= 45 and len(sent_a) >= 45
     finally:
-        for t in [task, pacer, *pullers]:
+        for t in [task, pacer, voice_pacer, *pullers]:
             t.cancel()
-        await asyncio.gather(task, pacer, *pullers, return_exceptions=True)
+        await asyncio.gather(task, pacer, voice_pacer, *pullers, return_exceptions=True)
 
 
 def test_playout_holds_and_counts_late_frames() -> None:

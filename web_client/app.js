@@ -1,10 +1,10 @@
 // Host console: connects over WebRTC, sends the microphone and control
-// messages, plays the avatar, and shows live figures.
+// messages, plays the avatar, and shows live figures. (The viewer, /viewer,
+// is its own page: viewer.js.)
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const viewer = location.pathname === "/viewer";
 
 // What tests (and curious hosts) can read: window.avatarClient
 const state = {
@@ -17,6 +17,7 @@ const state = {
   lastStats: null,
   errors: [],
   sessionUrl: null,
+  viewerLink: null, // the running session's /viewer link (for OBS)
   characters: 1, // faces of the avatar the session (or the next Start) uses
   micCharacter: 0,
   answeredAt: null, // performance.now() when the SDP answer was applied
@@ -139,7 +140,7 @@ async function showPreview(id) {
 function showCast(id) {
   const info = avatarInfo.get(id);
   state.characters = info ? Math.max(1, Math.min(2, info.faces)) : 1;
-  $("cast").hidden = state.characters < 2 || viewer;
+  $("cast").hidden = state.characters < 2;
   if (state.characters < 2) {
     $("mic-character").value = "0";
     $("say-character").value = "0";
@@ -237,7 +238,7 @@ async function start() {
   setStatus("connecting");
   try {
     pc = new RTCPeerConnection({ iceServers: [] });
-    if ($("mic").checked && !viewer) {
+    if ($("mic").checked) {
       try {
         micStream = await navigator.mediaDevices.getUserMedia({
           audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
@@ -258,7 +259,7 @@ async function start() {
       else if (msg.type === "error") showError(msg.message);
     };
     dc.onopen = () => {
-      for (const b of ["say", "instruct", "interrupt", "speech"]) $(b).disabled = viewer;
+      for (const b of ["say", "instruct", "interrupt", "speech"]) $(b).disabled = false;
       if (state.characters > 1 && Number($("mic-character").value) !== 0) routeMic();
     };
     const remote = new MediaStream();
@@ -285,6 +286,7 @@ async function start() {
       body: pc.localDescription.sdp,
     });
     state.sessionUrl = res.headers.get("Location");
+    showViewerLink(state.sessionUrl.split("/").pop());
     await pc.setRemoteDescription({ type: "answer", sdp: await res.text() });
     state.answeredAt = performance.now();
     $("stop").disabled = false;
@@ -301,6 +303,7 @@ async function stop() {
   }
   state.sessionUrl = null;
   state.connected = false;
+  showViewerLink(null);
   if (statsTimer) clearInterval(statsTimer);
   if (pc) pc.close();
   pc = null;
@@ -314,12 +317,37 @@ async function stop() {
   setStatus("idle");
 }
 
+// The viewer link of the running session: the stream alone over WHEP, what a host pastes into
+// OBS as a Browser Source (with the token, where the server needs one).
+function showViewerLink(sid) {
+  $("viewer-row").hidden = !sid;
+  if (!sid) return;
+  const link = new URL("/viewer", location.href);
+  link.searchParams.set("session", sid);
+  if (token()) link.searchParams.set("token", token());
+  $("viewer-link").value = link.href;
+  state.viewerLink = link.href;
+}
+
+async function copyViewerLink() {
+  const input = $("viewer-link");
+  try {
+    await navigator.clipboard.writeText(input.value);
+  } catch (e) { // no clipboard API off a secure origin: the old way
+    input.select();
+    document.execCommand("copy");
+  }
+  $("copy-viewer").textContent = "Copied";
+  setTimeout(() => { $("copy-viewer").textContent = "Copy"; }, 1500);
+}
+
 function send(msg) {
   if (dc && dc.readyState === "open") dc.send(JSON.stringify(msg));
   else showError("not connected");
 }
 
 $("start").onclick = start;
+$("copy-viewer").onclick = copyViewerLink;
 $("mic-character").onchange = routeMic;
 $("stop").onclick = stop;
 $("interrupt").onclick = () => send({ type: "interrupt" });
@@ -364,7 +392,4 @@ $("upload-form").onsubmit = async (ev) => {
     showError(`upload failed: ${e.message}`);
   }
 };
-if (viewer) {
-  for (const id of ["say-form", "instruct-form", "upload-form", "speech-form"]) $(id).style.display = "none";
-}
 loadAvatars();

@@ -66,4 +66,3 @@ $("golive-form").onsubmit = async (ev) => {
   refreshEgress();
 };
 goLive.timer = setInterval(refreshEgress, 2000);
-if (viewer) $("golive-form").style.display = "none";
