@@ -25,14 +25,14 @@ from engines.director.embedded import EmbeddedDirector
 from engines.face import NoFaceError, analyse_face, mouth_corner_lift, mouth_opening
 from engines.portrait import PortraitEngine
 from engines.storyline import Window
-from realtime.clock import FakeClock
+from realtime.clock import FakeClock, InlineExecutor
 from realtime.playout import Playout
 from realtime.scheduler import SchedulerConfig
 from realtime.timeline import AudioTimeline
 from realtime.tracks import CATCH_UP_S, RawVideoTrack, VideoOut
 from server.messages import Ack, Error, OutMessage
 from server.session import Session, SessionSettings
-from tests.helpers import InlineExecutor, astronaut, speech
+from tests.helpers import astronaut, speech
 
 SIZE = (256, 256)
 LINE = ("Hello everyone, and welcome back to the stream. Today we talk about rockets, "

@@ -25,13 +25,13 @@ from engines.director.embedded import EmbeddedDirector
 from engines.face import analyse_face, mouth_opening
 from engines.portrait import PortraitEngine
 from engines.storyline import GazeTarget
-from realtime.clock import FakeClock
+from realtime.clock import FakeClock, InlineExecutor
 from realtime.scheduler import SchedulerConfig
 from realtime.tracks import RawVideoTrack
 from realtime.vad import VoiceActivity
 from server.messages import Ack, Error, OutMessage
 from server.session import Session, SessionSettings
-from tests.helpers import InlineExecutor, astronaut, speech
+from tests.helpers import astronaut, speech
 from tests.portraits import two_closed_mouths
 
 FPS = 25
