@@ -52,7 +52,7 @@ from realtime.speech import SpeechInput
 from realtime.timeline import OUT_RATE
 from realtime.tts import MAX_SAY_CHARS, clean_text, phrases
 from server.host import playout_delay_s
-from server.messages import Error, MessageError, OutMessage, parse_control
+from server.messages import Error, MessageError, OutMessage, Stats, parse_control
 from server.session import Session, SessionSettings
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ class OfflineSession:
 
     Entering it makes an ``InlineExecutor`` the loop's default executor too (Piper,
     Whisper and the embedded director run there), so nothing it does takes clock
-    time and every run is the same. Messages for the client are kept in ``messages``.
+    time and every run is the same. Messages for the client (acks, errors) are kept in
+    ``messages``.
     """
 
     def __init__(self, engine: Engine, prepared: Any, image: np.ndarray, director: Director, *,
@@ -103,8 +104,12 @@ class OfflineSession:
                                idle_frame=engine.idle_frame(prepared), director=director,
                                executor=self.executor, settings=settings or offline_settings(engine),
                                clock=self.clock)
-        self.messages: list[OutMessage] = []
-        self.session.subscribe(self.messages.append)
+        self.messages: list[OutMessage] = []  # acks and errors (the once-a-second stats are not kept)
+        self.session.subscribe(self._keep)
+
+    def _keep(self, message: OutMessage) -> None:
+        if not isinstance(message, Stats):
+            self.messages.append(message)
 
     async def __aenter__(self) -> Self:
         asyncio.get_running_loop().set_default_executor(self.executor)
