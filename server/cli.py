@@ -189,6 +189,9 @@ def render(args: argparse.Namespace) -> int:
         render_file,
     )
 
+    # the models' loading bars (Hugging Face) would break the render's own progress line
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
     def fail(message: str) -> int:
         sys.stderr.write(f"avatar render: {message}\n")
         return 2

@@ -26,6 +26,7 @@ is written: a failed render leaves nothing behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
 import json
 import logging
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -63,9 +65,10 @@ PRESET = "medium"
 GOP_S = 2.0  # a keyframe every 2 s: seekable, and what streaming platforms ask for
 AUDIO_BITRATE = 128_000  # AAC, mono
 AAC_FRAME = 1024  # samples per frame of FFmpeg's native AAC encoder
-STEP_S = 0.01  # the fake clock moves in steps this long (a sub-clip's grace fits between frames)
+STEP_S = 0.02  # the fake clock moves in steps this long: a silent sub-clip (due at its end plus
+# the grace) renders a step before its frame is due
 FEED_LEAD_S = 20.0  # the next piece of speech is handed over when the queue is less than this ahead
-AUDIO_PIECE_S = 20.0  # uploaded audio is handed over in pieces about this long
+AUDIO_PIECE_S = 28.0  # uploaded audio is handed over in pieces about this long (one Whisper window)
 QUIET_SEARCH_S = 4.0  # ... each cut at the quietest frame in its last few seconds
 MAX_SPEECH_S = 3600.0  # the longest audio file a render takes
 MAX_TEXT_CHARS = 200_000  # the longest text (about three hours of speech)
@@ -285,6 +288,21 @@ def load_audio(path: Path, fps: int = 25) -> AudioSpeech:
     return AudioSpeech(ana, out, fps)
 
 
+@contextlib.contextmanager
+def native_stderr_quiet() -> Iterator[None]:
+    """Native libraries' own lines on stderr (mediapipe's graph set-up logs a handful) go to
+    /dev/null for the block, so what ``avatar render`` prints stays its own."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def load_portrait(path: Path) -> np.ndarray:
     """A portrait photo read and checked as an avatar upload is (one or two faces)."""
     from server.avatars import AvatarError, check_faces, decode_image
@@ -295,7 +313,8 @@ def load_portrait(path: Path) -> np.ndarray:
         raise RenderError(f"cannot read --avatar {path}: {exc.strerror or exc}") from None
     try:
         image = decode_image(data)
-        check_faces(image)
+        with native_stderr_quiet():  # the face mesh loads here, once per process
+            check_faces(image)
     except AvatarError as exc:
         raise RenderError(f"--avatar {path}: {exc.message}") from None
     return image

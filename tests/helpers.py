@@ -55,6 +55,17 @@ def returned_envelope(peer: Any, hop: float = 0.04) -> tuple[np.ndarray, np.ndar
     return grid, np.interp(grid, t, rms)
 
 
+LAGS = np.arange(-0.2, 0.2001, 0.02)  # how far apart lips and voice may be searched
+
+
+def follow(times: np.ndarray, gap: np.ndarray, grid: np.ndarray, env: np.ndarray,
+           lags: np.ndarray = LAGS) -> tuple[float, float]:
+    """The best correlation of a lip gap (at ``times``) with a voice's envelope (``env`` at
+    ``grid``) over ``lags``, and its lag: the voice at ``t + lag`` goes with the lips at ``t``."""
+    return max((float(np.corrcoef(np.interp(times + lag, grid, env), gap)[0, 1]), float(lag))
+               for lag in lags)
+
+
 @functools.cache
 def astronaut() -> np.ndarray:
     from skimage import data
