@@ -480,3 +480,26 @@ async def test_ten_minutes_of_audio_end_as_in_sync_as_they_began(photo: Path, tm
     # measured: -2.5 ms and +7.5 ms (the mouth moves on the 40 ms frame grid)
     assert abs(open_last - open_first) <= 0.04, "the last syllable lands as the first did"
     assert abs(open_last) <= 0.04, "and within 40 ms of its sound"
+
+
+def test_flashhead_renders_through_the_same_path(photo: Path, tmp_path: Path) -> None:
+    """``--engine flashhead`` with a tiny random checkpoint in the published layout, at 64x64 on the
+    CPU (about 20 s): its 28-frame chunks, rendered one after the other, fill every frame of the
+    file. Random weights make no face, so what is checked is the file and that no frame is held:
+    each differs from the one before it (the model's noise), where the idle photo or a held frame
+    would repeat."""
+    from tests.flashhead_layout import write_published_layout
+
+    weights = write_published_layout(tmp_path / "published")
+    out = tmp_path / "flashhead.mp4"
+    rendered(run_render("--avatar", photo, "--text", "Hello everyone, welcome to the show.",
+                        "--engine", "flashhead", "--weights", weights,
+                        "--wav2vec", tmp_path / "published" / "wav2vec2-base-960h", "--device", "cpu",
+                        "--dtype", "fp32", "--size", "64x64", "--director", "static", "--out", out), out)
+    d = decode(out)
+    check_container(d, (64, 64))
+    loud = np.flatnonzero(np.abs(d.audio) > 0.02) / RATE
+    assert TAIL_S <= d.duration_s - loud[-1] < TAIL_S + 0.5
+    frames = [d.kept[k].astype(np.float32) for k in range(d.frames)]
+    change = [float(np.abs(b - a).mean()) for a, b in zip(frames, frames[1:], strict=False)]
+    assert min(change) > 6, f"held or idle frames: {np.round(change, 1)}"
