@@ -187,7 +187,8 @@ def test_text_renders_an_mp4_whose_lips_follow_the_voice(photo: Path, tmp_path: 
     corr, lag = follow(pts, gap, grid, env)
     print(f"text render: {d.frames} frames, lip gap vs voice r={corr:.2f} at {lag * 1000:+.0f} ms")
     assert corr > 0.45, corr  # 0.54 measured: Piper's phoneme timings shape the mouth more than loudness
-    assert -SYNC_LAG_S - 0.04 <= lag <= -SYNC_LAG_S + 0.04, lag
+    # Piper's timings leave the best lag less sharp than a recording's: one frame more either way
+    assert -SYNC_LAG_S - 0.06 <= lag <= -SYNC_LAG_S + 0.06, lag
 
 
 def test_audio_renders_the_voice_itself_locked_to_the_frames(photo: Path, voice_wav: tuple[Path, np.ndarray],
@@ -340,6 +341,7 @@ def test_long_speech_is_handed_over_in_pieces_that_join_exactly() -> None:
 # --- a long input ----------------------------------------------------------------------------------
 LONG_S = 600.0
 WINDOW_S = 20.0  # lips against voice are compared over the first and the last this long
+MARK_WORD = "Okay."  # said alone first and last
 LONG_LINES = ["Hello everyone, and welcome back to the stream.",
               "Today we talk about rockets, and the people who build them.",
               "It takes years of work to make an engine that does not shake itself apart.",
@@ -350,15 +352,22 @@ LONG_LINES = ["Hello everyone, and welcome back to the stream.",
 
 def long_speech(seconds: float) -> np.ndarray:
     """About ``seconds`` of real speech at 48 kHz: Piper lines in turn with pauses between them,
-    ending with a last word alone after a pause (its onset is the last syllable's)."""
+    starting and ending with the same word alone after a pause, each on a frame boundary (the
+    same sound first and last: the mouth must meet its onset alike)."""
     lines = [speech(text, rate=RATE) for text in LONG_LINES]
+    word = speech(MARK_WORD, rate=RATE)
     rng = np.random.default_rng(1)
-    parts, n, k = [np.zeros(RATE // 2, np.float32)], RATE // 2, 0
+    frame = RATE // FPS
+    parts = [np.zeros(12 * frame, np.float32), word, np.zeros(RATE // 2, np.float32)]
+    n, k = sum(len(p) for p in parts), 0
     while n < (seconds - 5) * RATE:
         pause = np.zeros(int(rng.uniform(0.3, 0.8) * RATE), np.float32)
         parts += [lines[k % len(lines)], pause]
         n, k = n + len(lines[k % len(lines)]) + len(pause), k + 1
-    parts += [np.zeros(RATE // 2, np.float32), speech("Goodbye.", rate=RATE)]
+    # the last word starts on a frame boundary too: the same sound meets the frames the same way,
+    # so first and last can be compared to the millisecond, not to a frame
+    parts.append(np.zeros(12 * frame + (-n) % frame, np.float32))
+    parts.append(word)
     return np.concatenate(parts)
 
 
@@ -375,10 +384,16 @@ def onsets(t: np.ndarray, level: np.ndarray, threshold: float, quiet_s: float = 
 
 
 def mouth_onset_after(pts: np.ndarray, gap: np.ndarray, t: float, rest: float) -> float:
-    """When the mouth first opens past its rest at or after ``t - 0.2`` s."""
-    i = np.flatnonzero((pts >= t - 0.2) & (gap > rest + 0.01))
+    """When the mouth first opens past its rest (by 0.01 of the face height) at or after
+    ``t - 0.2`` s: between the two frames either side of it, where the gap crosses that line
+    (the frames are 40 ms apart; the crossing places the opening between them)."""
+    line = rest + 0.01
+    i = np.flatnonzero((pts >= t - 0.2) & (gap > line))
     assert len(i), f"the mouth never opened after {t:.2f} s"
-    return float(pts[i[0]])
+    k = int(i[0])
+    if k == 0 or pts[k] - pts[k - 1] > 1.5 / FPS:
+        return float(pts[k])
+    return float(pts[k - 1] + (line - gap[k - 1]) / (gap[k] - gap[k - 1]) * (pts[k] - pts[k - 1]))
 
 
 async def live_lag(image: np.ndarray, voice: np.ndarray, size: tuple[int, int]) -> tuple[float, float]:
@@ -460,11 +475,11 @@ async def test_ten_minutes_of_audio_end_as_in_sync_as_they_began(photo: Path, tm
     corr_first, lag_first = follow(pts[first], gap[first], grid, env)
     corr_last, lag_last = follow(pts[last], gap[last], grid, env)
     corr_live, lag_live = await live_lag(load_portrait(photo), voice[: int(WINDOW_S * RATE)], (256, 256))
-    # the first and the last word: voice onsets after a pause, and the mouth opening for them
+    # the first and the last word (the same one): voice onsets after a pause, and the mouth opening
     level = np.interp(pts, grid, env)
     rest = float(np.median(gap[level < 0.002]))
     fine = envelope(d.audio, RATE, 0.005)  # onsets to 5 ms
-    starts = onsets((np.arange(len(fine)) + 0.5) * 0.005, fine, 0.02)
+    starts = onsets((np.arange(len(fine)) + 0.5) * 0.005, fine, 0.01)
     word_first, word_last = starts[0], starts[-1]
     assert word_last > (len(voice) - RATE) / RATE, "the last onset is the last word's"
     open_first = mouth_onset_after(pts, gap, word_first, rest) - word_first
@@ -477,8 +492,10 @@ async def test_ten_minutes_of_audio_end_as_in_sync_as_they_began(photo: Path, tm
     assert corr_first > 0.6 and corr_last > 0.6 and corr_live > 0.6
     assert abs(lag_last - lag_first) <= 0.04
     assert abs(lag_last - lag_live) <= 0.04
-    # measured: -2.5 ms and +7.5 ms (the mouth moves on the 40 ms frame grid)
-    assert abs(open_last - open_first) <= 0.04, "the last syllable lands as the first did"
+    # the same word on the same frame phase: measured -10 ms and -9 ms; a drift of half a frame shows
+    assert abs(open_last - open_first) <= 0.02, "the last syllable lands as the first did"
+    # the mouth follows the voice's level in decibels: it starts to open a little before the
+    # level found here crosses 0.01
     assert abs(open_last) <= 0.04, "and within 40 ms of its sound"
 
 
@@ -503,3 +520,30 @@ def test_flashhead_renders_through_the_same_path(photo: Path, tmp_path: Path) ->
     frames = [d.kept[k].astype(np.float32) for k in range(d.frames)]
     change = [float(np.abs(b - a).mean()) for a, b in zip(frames, frames[1:], strict=False)]
     assert min(change) > 6, f"held or idle frames: {np.round(change, 1)}"
+
+
+def test_an_interrupted_render_leaves_no_file(photo: Path, voice_wav: tuple[Path, np.ndarray],
+                                              tmp_path: Path) -> None:
+    """Ctrl-C while frames are being written: exit code 130, no --out, no temporary file."""
+    import signal
+
+    wav, _ = voice_wav
+    out = tmp_path / "stopped.mp4"
+    cmd = [sys.executable, "-m", "server.cli", "render", "--avatar", str(photo), "--audio", str(wav),
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:
+            if line.startswith("render: "):  # the render has begun: the temporary file is open
+                assert [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 130, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "interrupted; nothing was written" in rest and "Traceback" not in rest
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
