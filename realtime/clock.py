@@ -1,7 +1,8 @@
 """The session clock: seconds since the session started, on the event loop's clock.
 
-Everything that decides on timing takes a ``Clock``; tests pass a
-``FakeClock`` and advance it instead of sleeping.
+Everything that decides on timing takes a ``Clock``; tests and offline
+renders pass a ``FakeClock`` and advance it instead of sleeping, with engine
+and director work run by an ``InlineExecutor`` so that it takes no clock time.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from typing import Protocol
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
 
 
 class Clock(Protocol):
@@ -82,3 +85,20 @@ class FakeClock:
             # let woken tasks (and what they wake) run before time moves again
             for _ in range(20):
                 await asyncio.sleep(0)
+
+
+class InlineExecutor(ThreadPoolExecutor):
+    """Runs each job at submit, in the caller's thread: deterministic, and on a fake clock
+    engine and director work take no clock time (a ThreadPoolExecutor, so asyncio takes it
+    as a loop's default executor too)."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            fut.set_exception(exc)
+        return fut

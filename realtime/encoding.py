@@ -25,6 +25,12 @@ CODECS = ("H264", "VP8")
 VIDEO_CLOCK = 90_000
 
 
+def yuv420p_frame(rgb: np.ndarray) -> av.VideoFrame:
+    """An RGB frame (even sides) as the yuv420p ``VideoFrame`` encoders take, converted by OpenCV."""
+    yuv: np.ndarray = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420), np.uint8)
+    return av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+
+
 class VideoEncoder:
     def __init__(self, codec: str, width: int, height: int, fps: int, *, bitrate: int = 800_000,
                  gop_s: float = 2.0) -> None:
@@ -65,8 +71,7 @@ class VideoEncoder:
 
     def encode(self, rgb: np.ndarray, index: int) -> list[av.Packet]:
         """Blocking: frame ``index`` (pts ``index / fps``) as packets stamped on the 90 kHz clock."""
-        yuv: np.ndarray = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420), np.uint8)
-        frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+        frame = yuv420p_frame(rgb)
         frame.pts = index
         frame.time_base = fractions.Fraction(1, self.fps)
         key = self._want_keyframe or self._since_keyframe >= self.gop

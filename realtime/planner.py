@@ -91,6 +91,7 @@ class RollingPlanner:
         self.failures = 0  # windows the director failed (default plan used)
         self.stale = 0  # windows dropped: a newer generation began while they were planned
         self.windows_planned = 0
+        self.busy = False  # the director is planning a window (an offline render waits for it)
         self.plan_ms: deque[float] = deque(maxlen=50)  # the director's time per window
         self._planned_until = 0.0  # the current generation's plan reaches this pts
         self._replan_until = 0.0  # a re-plan redoes the plan at least up to here
@@ -202,7 +203,11 @@ class RollingPlanner:
         if self._planned_until >= self._target() - 1e-9:
             return False
         start, generation = self._planned_until, self.generation
-        window = await self._plan(start, start + self.window_s)
+        self.busy = True
+        try:
+            window = await self._plan(start, start + self.window_s)
+        finally:
+            self.busy = False
         if len(self.inbox) or generation != self.generation:
             # an instruction, speech or interrupt came in while the director worked:
             # this window was planned without it, so it never reaches the scheduler

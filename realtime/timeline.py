@@ -23,19 +23,33 @@ VAD_BLOCK = round(VAD_HOP * AUDIO_RATE)  # 512 samples at 16 kHz
 
 
 class _Ring:
-    """A circular buffer addressed by absolute sample index."""
+    """A circular buffer addressed by absolute sample index.
+
+    It reads as silence wherever nothing was written on the current lap: past
+    the furthest sample written, and in any stretch a write jumped over. So a
+    slot never gives back what it held one capacity earlier (a session that
+    stays silent for longer than the horizon reads zeros, not old speech).
+    """
 
     def __init__(self, capacity: int, dtype: type) -> None:
         self.data: np.ndarray = np.zeros(capacity, dtype)
         self.capacity = capacity
+        self.end = 0  # one past the furthest absolute index written
 
-    def write(self, index: int, x: np.ndarray) -> None:
-        if len(x) > self.capacity:
-            raise ValueError(f"write of {len(x)} samples exceeds the buffer ({self.capacity})")
+    def _put(self, index: int, x: np.ndarray) -> None:
         i = index % self.capacity
         first = min(len(x), self.capacity - i)
         self.data[i : i + first] = x[:first]
         self.data[: len(x) - first] = x[first:]
+
+    def write(self, index: int, x: np.ndarray) -> None:
+        if len(x) > self.capacity:
+            raise ValueError(f"write of {len(x)} samples exceeds the buffer ({self.capacity})")
+        if index > self.end:  # the slots jumped over still hold the previous lap: silence them
+            gap = min(index - self.end, self.capacity)
+            self._put(index - gap, np.zeros(gap, self.data.dtype))
+        self._put(index, x)
+        self.end = max(self.end, index + len(x))
 
     def read(self, index: int, n: int) -> np.ndarray:
         out = np.empty(n, self.data.dtype)
@@ -43,6 +57,8 @@ class _Ring:
         first = min(n, self.capacity - i)
         out[:first] = self.data[i : i + first]
         out[first:] = self.data[: n - first]
+        if index + n > self.end:  # not written yet on this lap
+            out[max(self.end - index, 0):] = 0
         return out
 
     def clear(self, index: int, n: int) -> None:

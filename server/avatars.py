@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from engines.base import Avatar
-from engines.face import NoFaceError, TooManyFacesError, analyse_faces
+from engines.face import FaceAnalysis, NoFaceError, TooManyFacesError, analyse_faces
 from engines.portrait.framing import frame_faces
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,17 @@ def decode_image(data: bytes) -> np.ndarray:
     return rgb
 
 
+def check_faces(image: np.ndarray) -> FaceAnalysis:
+    """Blocking: the faces of a portrait (one or two); ``AvatarError`` 422 saying why not."""
+    try:
+        return analyse_faces(image, MAX_FACES)
+    except NoFaceError as exc:
+        raise AvatarError(422, "no face found in the image: upload a portrait with one "
+                               "clearly visible face") from exc
+    except TooManyFacesError as exc:
+        raise AvatarError(422, str(exc)) from exc
+
+
 class AvatarStore:
     def __init__(self, root: Path, default_image: np.ndarray | None = None,
                  frame_size: tuple[int, int] = FRAME_SIZE) -> None:
@@ -112,13 +123,7 @@ class AvatarStore:
 
     async def _store(self, avatar_id: str, image: np.ndarray) -> AvatarInfo:
         loop = asyncio.get_running_loop()
-        try:
-            analysis = await loop.run_in_executor(None, analyse_faces, image, MAX_FACES)
-        except NoFaceError as exc:
-            raise AvatarError(422, "no face found in the image: upload a portrait with one "
-                                   "clearly visible face") from exc
-        except TooManyFacesError as exc:
-            raise AvatarError(422, str(exc)) from exc
+        analysis = await loop.run_in_executor(None, check_faces, image)
         framing = frame_faces(analysis.faces, (image.shape[1], image.shape[0]), self.frame_size)
         info = AvatarInfo(id=avatar_id, face_box=analysis.box.as_dict(), width=image.shape[1],
                           height=image.shape[0], faces=analysis.num_faces, created=time.time(),

@@ -35,6 +35,12 @@ WARM_UP_RENDERS = 12
 WARM_UP_BUDGET_S = 5.0
 
 
+def playout_delay_s(subclip_s: float, render_s: float) -> float:
+    """The video latency a sub-clip of ``subclip_s`` needs when it renders in ``render_s``:
+    its audio, the scheduler's grace, the render, and a margin for encoding and scheduling."""
+    return subclip_s + GRACE_S + render_s + DELAY_MARGIN_S
+
+
 class HostConfig(BaseModel):
     """What a process that runs sessions needs to know (sent to each worker as JSON)."""
 
@@ -138,8 +144,7 @@ class SessionHost:
         """
         if self.config.delay_ms is not None:
             return self.config.delay_ms / 1000
-        render = max(self.render_s) if self.render_s else 0.05
-        return self.subclip_s + GRACE_S + render + DELAY_MARGIN_S
+        return playout_delay_s(self.subclip_s, max(self.render_s) if self.render_s else 0.05)
 
     async def aclose(self) -> None:
         await asyncio.gather(*(s.close() for s in list(self.sessions.values())), return_exceptions=True)

@@ -6,7 +6,6 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -68,25 +67,19 @@ async def until(cond: Callable[[], Awaitable[bool]], within: float, what: str) -
         await asyncio.sleep(0.1)
 
 
+LAGS = np.arange(-0.2, 0.2001, 0.02)  # how far apart lips and voice may be searched
+
+
+def follow(times: np.ndarray, gap: np.ndarray, grid: np.ndarray, env: np.ndarray,
+           lags: np.ndarray = LAGS) -> tuple[float, float]:
+    """The best correlation of a lip gap (at ``times``) with a voice's envelope (``env`` at
+    ``grid``) over ``lags``, and its lag: the voice at ``t + lag`` goes with the lips at ``t``."""
+    return max((float(np.corrcoef(np.interp(times + lag, grid, env), gap)[0, 1]), float(lag))
+               for lag in lags)
+
+
 @functools.cache
 def astronaut() -> np.ndarray:
     from skimage import data
 
     return np.ascontiguousarray(data.astronaut())
-
-
-class InlineExecutor(ThreadPoolExecutor):
-    """Runs each job at submit, in the caller's thread: deterministic, and on a fake clock
-    engine and director work take no clock time (a ThreadPoolExecutor, so asyncio takes it
-    as a loop's default executor too)."""
-
-    def __init__(self) -> None:
-        super().__init__(max_workers=1)
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        fut: Future[Any] = Future()
-        try:
-            fut.set_result(fn(*args, **kwargs))
-        except BaseException as exc:
-            fut.set_exception(exc)
-        return fut

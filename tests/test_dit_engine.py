@@ -19,12 +19,11 @@ from engines.dit.conditioning import (
 )
 from engines.dit.engine import shot_prompt
 from engines.storyline import Emotion, EmotionLabel, Shot, Window, default_shot
-from realtime.clock import FakeClock
+from realtime.clock import FakeClock, InlineExecutor
 from realtime.events import WindowPlanned
 from realtime.playout import Playout
 from realtime.scheduler import CascadeScheduler, SchedulerConfig
 from realtime.timeline import AudioTimeline
-from tests.helpers import InlineExecutor
 
 FPS = 25
 STEP = 4 / FPS  # keyframes four frames apart: one latent frame per interval

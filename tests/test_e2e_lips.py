@@ -26,14 +26,13 @@ from PIL import Image
 from engines.face import analyse_face, mouth_opening
 from server.peer import RATE, AvatarPeer
 from tests.conftest import RunningServer
-from tests.helpers import returned_envelope, speech
+from tests.helpers import follow, returned_envelope, speech
 from tests.portraits import hopper, two_closed_mouths
 
 pytestmark = pytest.mark.slow
 
 LINE_A = "Hello everyone, and welcome back to the stream. Today we talk about rockets."
 LINE_B = "Thank you. It is a pleasure to be here, and I have a lot to say about them."
-LAGS = np.arange(-0.2, 0.2001, 0.02)  # how far apart lips and voice may be searched
 LOUD, QUIET = 0.02, 0.002  # returned voice RMS: speech, and silence or a stop
 
 
@@ -57,13 +56,6 @@ def gaps(peer: AvatarPeer, faces: int) -> tuple[np.ndarray, np.ndarray]:
             times.append(t)
             values.append([mouth_opening(lm) for lm in found])
     return np.array(times), np.array(values)
-
-
-def follow(times: np.ndarray, gap: np.ndarray, grid: np.ndarray, env: np.ndarray
-           ) -> tuple[float, float]:
-    """The best correlation of the lip gap with the returned voice over ``LAGS``, and its lag."""
-    return max((float(np.corrcoef(np.interp(times + lag, grid, env), gap)[0, 1]), float(lag))
-               for lag in LAGS)
 
 
 async def talk(server: RunningServer, avatar: str, audio: np.ndarray,

@@ -31,13 +31,13 @@ from engines.dit.flashhead.engine import (
 from engines.face import analyse_face, brow_height, mouth_corner_lift
 from engines.registry import create_engine
 from engines.storyline import Emotion, EmotionLabel, GazeTarget, Gesture, GestureKind, Shot, default_shot
-from realtime.clock import FakeClock
+from realtime.clock import FakeClock, InlineExecutor
 from realtime.events import WindowPlanned
 from realtime.playout import Playout
 from realtime.scheduler import CascadeScheduler, SchedulerConfig
 from realtime.timeline import AudioTimeline
 from tests.flashhead_layout import tone, write_published_layout
-from tests.helpers import InlineExecutor, astronaut
+from tests.helpers import astronaut
 
 FPS = 25
 N = 28  # new frames per Pro chunk

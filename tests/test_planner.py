@@ -16,7 +16,7 @@ import pytest
 from engines.director.base import Director, PlanRequest
 from engines.director.embedded import EmbeddedDirector
 from engines.storyline import EmotionLabel, Window, shot_face
-from realtime.clock import FakeClock
+from realtime.clock import FakeClock, InlineExecutor
 from realtime.events import (
     Inbox,
     Instructed,
@@ -28,7 +28,6 @@ from realtime.events import (
 )
 from realtime.planner import RollingPlanner
 from realtime.timeline import AudioTimeline
-from tests.helpers import InlineExecutor
 
 
 class GatedDirector(Director):

@@ -1,7 +1,8 @@
 """A whole session on a fake clock, without a peer: control, speech input, tracks, bounded state.
 
-The session runs the real portrait engine, the embedded director (Whisper off:
-there is no live audio here) and Piper; engine and director work runs inline
+The session (``server.render.OfflineSession``, what ``avatar render`` runs)
+runs the real portrait engine, the embedded director (Whisper off: there is
+no live audio here) and Piper; engine and director work runs inline
 (``InlineExecutor``), so it takes no clock time and every run is the same.
 Frames are pulled from the session's video track as a peer would.
 """
@@ -31,8 +32,9 @@ from realtime.scheduler import SchedulerConfig
 from realtime.timeline import AudioTimeline
 from realtime.tracks import CATCH_UP_S, RawVideoTrack, VideoOut
 from server.messages import Ack, Error, OutMessage
+from server.render import OfflineSession
 from server.session import Session, SessionSettings
-from tests.helpers import InlineExecutor, astronaut, speech
+from tests.helpers import astronaut, speech
 
 SIZE = (256, 256)
 LINE = ("Hello everyone, and welcome back to the stream. Today we talk about rockets, "
@@ -76,11 +78,23 @@ class GatedDirector(Director):
 
 @dataclass
 class Sim:
-    session: Session
-    clock: FakeClock
-    messages: list[OutMessage] = field(default_factory=list)
+    """An offline session (``server.render.OfflineSession``) and a task pulling its video as a peer would."""
+
+    offline: OfflineSession
     frames: list[tuple[float, float, np.ndarray]] = field(default_factory=list)  # sent, pts, RGB
     keep_frames: bool = True
+
+    @property
+    def session(self) -> Session:
+        return self.offline.session
+
+    @property
+    def clock(self) -> FakeClock:
+        return self.offline.clock
+
+    @property
+    def messages(self) -> list[OutMessage]:
+        return self.offline.messages
 
     async def pull(self) -> None:
         video = RawVideoTrack(self.session.video_out)
@@ -91,37 +105,31 @@ class Sim:
                                     vf.to_ndarray(format="rgb24")))
 
     async def advance(self, seconds: float, step: float = 0.01) -> None:
-        await self.clock.advance(seconds, step=step)
+        await self.offline.advance(seconds, step=step)
 
     def send(self, **message: Any) -> None:
-        self.session.control.handle(json.dumps(message))
+        self.offline.send(**message)
 
     def acks(self, kind: str) -> list[Ack]:
         return [m for m in self.messages if isinstance(m, Ack) and m.for_ == kind]
 
 
 @contextlib.asynccontextmanager
-async def simulated(portrait: tuple[PortraitEngine, Any, np.ndarray]) -> AsyncIterator[Sim]:
+async def simulated(portrait: tuple[PortraitEngine, Any, np.ndarray], director: Director | None = None,
+                    settings: SessionSettings | None = None, keep_frames: bool = True) -> AsyncIterator[Sim]:
     """A started session on a fake clock, with a task pulling its video as a peer would."""
-    asyncio.get_running_loop().set_default_executor(InlineExecutor())
     engine, prepared, image = portrait
-    clock = FakeClock()
-    session = Session(engine=engine, prepared=prepared, avatar_id="astronaut", avatar_image=image,
-                      idle_frame=engine.idle_frame(prepared), director=GatedDirector(),
-                      executor=InlineExecutor(),
-                      # the director runs inline, in real time: its timeout must not decide the plan
-                      settings=SessionSettings(scheduler=SchedulerConfig(), director_timeout_s=60.0),
-                      clock=clock)
-    s = Sim(session, clock)
-    session.subscribe(s.messages.append)
-    session.start()
-    puller = asyncio.ensure_future(s.pull())
-    try:
-        yield s
-    finally:
-        puller.cancel()
-        await asyncio.gather(puller, return_exceptions=True)
-        await session.close()
+    # the director runs inline, in real time: its timeout must not decide the plan
+    settings = settings or SessionSettings(scheduler=SchedulerConfig(), director_timeout_s=60.0)
+    async with OfflineSession(engine, prepared, image, director or GatedDirector(), avatar_id="astronaut",
+                              settings=settings) as offline:
+        s = Sim(offline, keep_frames=keep_frames)
+        puller = asyncio.ensure_future(s.pull())
+        try:
+            yield s
+        finally:
+            puller.cancel()
+            await asyncio.gather(puller, return_exceptions=True)
 
 
 @pytest.fixture
@@ -279,20 +287,14 @@ async def test_an_hour_of_streaming_holds_memory_flat(portrait: tuple[PortraitEn
     """
     import gc
 
-    asyncio.get_running_loop().set_default_executor(InlineExecutor())
     _, _, image = portrait
     small = PortraitEngine(size=(128, 128))
     prepared = small.prepare(Avatar(id="astronaut", image=image))
-    clock = FakeClock()
-    session = Session(engine=small, prepared=prepared, avatar_id="astronaut", avatar_image=image,
-                      idle_frame=small.idle_frame(prepared), director=EmbeddedDirector(transcribe=False),
-                      executor=InlineExecutor(),
-                      settings=SessionSettings(scheduler=SchedulerConfig(subclip_frames=5)), clock=clock)
-    s = Sim(session, clock, keep_frames=False)
-    session.start()
-    puller = asyncio.ensure_future(s.pull())
     sizes: dict[int, tuple[float, ...]] = {}
-    try:
+    settings = SessionSettings(scheduler=SchedulerConfig(subclip_frames=5))
+    async with simulated((small, prepared, image), EmbeddedDirector(transcribe=False), settings,
+                         keep_frames=False) as s:
+        session = s.session
         for minute in range(60):
             for k in range(2):
                 s.send(type="say", text=f"Minute {minute}, part {k}: thanks for watching, more soon.")
@@ -307,10 +309,6 @@ async def test_an_hour_of_streaming_holds_memory_flat(portrait: tuple[PortraitEn
                                  len(pl._texts), len(sc.storyline.windows), len(sc.keyframes),
                                  session.playout.buffered(), len(session.tasks), len(gc.get_objects()),
                                  _rss_mb())
-    finally:
-        puller.cancel()
-        await asyncio.gather(puller, return_exceptions=True)
-        await session.close()
     early, late = sizes[10], sizes[59]
     assert session.video_out.stats.sent > 0.99 * 3600 * 25
     assert session.speech.utterances >= 120

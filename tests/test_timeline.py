@@ -133,3 +133,21 @@ def test_microphone_frames_are_mixed_and_decimated_like_a_resampler() -> None:
     err = a16[delay:] - ref[: len(a16) - delay]
     assert len(a16) == len(pcm) // 960 * 320
     assert np.sqrt(np.mean(err ** 2)) < 0.02 * np.sqrt(np.mean(ref ** 2))
+
+
+def test_a_lap_of_the_ring_later_silence_reads_as_silence_not_old_speech() -> None:
+    """Speech, then nothing for longer than the horizon: where nothing was written again, the
+    timeline reads zeros (voice, engine audio, voice activity), not the speech of a lap before."""
+    tl = AudioTimeline(horizon_s=10)
+    ana, out = chunk(0.5, seconds=2.0)
+    tl.write_tts(1.0, ana, out, [], now=0.0)
+    assert np.all(tl.read_out(1.5, 4800) != 0)
+    # 10 s later (one lap) the slots that held it are read for pts 11-13: nothing was said there
+    assert np.all(tl.read_out(11.0, 48_000) == 0)
+    later = tl.slice(11.0, 13.0)
+    assert np.all(later.samples == 0) and np.all(later.vad == 0)
+    # speech written past a stretch nobody wrote: the stretch in between is silent too
+    tl.write_tts(16.0, ana, out, [], now=9.0)
+    assert np.all(tl.read_out(14.0, 48_000 * 2) == 0)
+    assert np.all(tl.read_out(16.0, 48_000) != 0)
+    assert np.all(tl.slice(14.0, 15.9).samples == 0)

@@ -25,13 +25,14 @@ from engines.director.embedded import EmbeddedDirector
 from engines.face import analyse_face, mouth_opening
 from engines.portrait import PortraitEngine
 from engines.storyline import GazeTarget
-from realtime.clock import FakeClock
+from realtime.clock import FakeClock, InlineExecutor
 from realtime.scheduler import SchedulerConfig
 from realtime.tracks import RawVideoTrack
 from realtime.vad import VoiceActivity
 from server.messages import Ack, Error, OutMessage
+from server.render import OfflineSession
 from server.session import Session, SessionSettings
-from tests.helpers import InlineExecutor, astronaut, speech
+from tests.helpers import astronaut, speech
 from tests.portraits import two_closed_mouths
 
 FPS = 25
@@ -80,23 +81,16 @@ class Sim:
 
 @pytest.fixture
 async def sim(cast: tuple[PortraitEngine, Any, np.ndarray]) -> AsyncIterator[Sim]:
-    asyncio.get_running_loop().set_default_executor(InlineExecutor())
     engine, prepared, image = cast
-    clock = FakeClock()
-    session = Session(engine=engine, prepared=prepared, avatar_id="two", avatar_image=image,
-                      idle_frame=engine.idle_frame(prepared), director=EmbeddedDirector(transcribe=False),
-                      executor=InlineExecutor(), settings=SessionSettings(scheduler=SchedulerConfig()),
-                      clock=clock)
-    s = Sim(session, clock)
-    session.subscribe(s.messages.append)
-    session.start()
-    puller = asyncio.ensure_future(s.pull())
-    try:
-        yield s
-    finally:
-        puller.cancel()
-        await asyncio.gather(puller, return_exceptions=True)
-        await session.close()
+    async with OfflineSession(engine, prepared, image, EmbeddedDirector(transcribe=False), avatar_id="two",
+                              settings=SessionSettings(scheduler=SchedulerConfig())) as off:
+        s = Sim(off.session, off.clock, off.messages)
+        puller = asyncio.ensure_future(s.pull())
+        try:
+            yield s
+        finally:
+            puller.cancel()
+            await asyncio.gather(puller, return_exceptions=True)
 
 
 def openings(frames: list[tuple[float, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

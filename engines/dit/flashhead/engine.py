@@ -321,17 +321,6 @@ class FlashHeadEngine(Engine):
         return out
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``WIDTHxHEIGHT`` -> ``(width, height)``, a ``ValueError`` naming the value otherwise."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT (e.g. 512x512)") from None
-    if w <= 0 or h <= 0:
-        raise ValueError(f"size {text!r} must be positive")
-    return w, h
-
-
 def build_flashhead_engine(
     weights: pathlib.Path | None,
     *,
