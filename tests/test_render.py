@@ -408,7 +408,7 @@ async def live_lag(image: np.ndarray, voice: np.ndarray, size: tuple[int, int]) 
     from engines.director.base import StaticDirector
     from engines.portrait import PortraitEngine
     from realtime.ingest import decode_upload
-    from realtime.tracks import RawVideoTrack
+    from realtime.tracks import EncodedAudioTrack, RawVideoTrack
     from server.render import OfflineSession
 
     engine = PortraitEngine(size=size)
@@ -418,6 +418,7 @@ async def live_lag(image: np.ndarray, voice: np.ndarray, size: tuple[int, int]) 
     async with OfflineSession(engine, prepared, image, StaticDirector()) as off:
         off.session.speech.play(*decode_upload(wav_bytes(voice, RATE)))
         video = RawVideoTrack(off.session.video_out)
+        voice_track = EncodedAudioTrack(off.session.audio_out)
 
         async def pull_video() -> None:
             while True:
@@ -427,7 +428,7 @@ async def live_lag(image: np.ndarray, voice: np.ndarray, size: tuple[int, int]) 
         async def pull_audio() -> None:
             while True:
                 try:
-                    packet = await off.session.audio.recv()
+                    packet = await voice_track.recv()
                 except MediaStreamError:
                     return
                 packets.append((off.clock.now(), bytes(packet)))
