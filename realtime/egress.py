@@ -36,6 +36,7 @@ from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from realtime.egress_mux import RECORD_HEAD, MuxSpec
@@ -248,7 +249,10 @@ class RtmpEgress:
                     self.dropped_frames += 1  # the muxer is behind: never wait for it
                 else:
                     voice = self.timeline.read_out(item.index / self.fps, self.samples_per_frame)
-                    proc.stdin.write(RECORD_HEAD.pack(item.index) + item.rgb.tobytes() + voice.tobytes())
+                    # the pipe takes what it can at once and buffers the rest: no copies of our own
+                    proc.stdin.write(RECORD_HEAD.pack(item.index))
+                    proc.stdin.write(np.ascontiguousarray(item.rgb).data.cast("B"))
+                    proc.stdin.write(np.ascontiguousarray(voice, np.int16).data.cast("B"))
                 item = await sub.get()
             graceful = True  # stopped: the muxer finishes the stream (its encoders, the FLV trailer)
             return ""

@@ -94,7 +94,31 @@ class Subscription(Generic[T]):
         return await self.queue.get()
 
 
-class VideoOut:
+class FanOut(Generic[T]):
+    """What ``VideoOut`` and ``AudioOut`` share: their outputs' subscriptions, and the end of them."""
+
+    def __init__(self) -> None:
+        self._subs: list[Subscription[T]] = []
+        self._stopped = False
+
+    def _add(self, kind: str, maxsize: int) -> Subscription[T]:
+        sub: Subscription[T] = Subscription(kind, maxsize)
+        self._subs.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription[T]) -> None:
+        """The output is done (or the stream ends): it gets ``None``."""
+        if sub in self._subs:
+            self._subs.remove(sub)
+        sub.put(None)
+
+    def stop(self) -> None:
+        self._stopped = True
+        for sub in list(self._subs):
+            self.unsubscribe(sub)
+
+
+class VideoOut(FanOut[OutFrame]):
     """The session's video leaving playout: one frame per slot at ``pts + delay``, encoded once.
 
     A task takes frame ``k`` from playout when it is due (``k / fps + delay``; the
@@ -108,6 +132,7 @@ class VideoOut:
     def __init__(self, playout: Playout, clock: Clock, timeline: AudioTimeline, idle: np.ndarray, *,
                  banner: str | None = None, bitrate: int = 800_000, executor: Executor | None = None,
                  queue_frames: int = 4) -> None:
+        super().__init__()
         self.playout = playout
         self.clock = clock
         self.timeline = timeline
@@ -117,9 +142,7 @@ class VideoOut:
         self.executor = executor
         self.queue_frames = queue_frames
         self.stats = VideoTrackStats()
-        self._subs: list[Subscription[OutFrame]] = []
         self._encoders: dict[str, VideoEncoder] = {}
-        self._stopped = False
 
     def encoded(self) -> dict[str, int]:
         """Frames encoded so far, per codec: one encode per frame, however many outputs send it."""
@@ -128,16 +151,11 @@ class VideoOut:
     def subscribe(self, kind: str) -> Subscription[OutFrame]:
         if kind != "rgb" and kind not in CODECS:
             raise ValueError(f"no video output of kind {kind!r}: rgb or one of {', '.join(CODECS)}")
-        sub: Subscription[OutFrame] = Subscription(kind, self.queue_frames)
-        self._subs.append(sub)
+        sub = self._add(kind, self.queue_frames)
         if kind in self._encoders:
             self._encoders[kind].request_keyframe()  # a new viewer starts from a keyframe
         return sub
 
-    def unsubscribe(self, sub: Subscription[OutFrame]) -> None:
-        if sub in self._subs:
-            self._subs.remove(sub)
-        sub.put(None)
 
     def request_keyframe(self, codec: str) -> None:
         if codec in self._encoders:
@@ -190,11 +208,6 @@ class VideoOut:
                 idx += 1
         finally:
             self.stop()
-
-    def stop(self) -> None:
-        self._stopped = True
-        for sub in list(self._subs):
-            self.unsubscribe(sub)
 
 
 class EncodedVideoTrack(MediaStreamTrack):
@@ -266,7 +279,7 @@ class RawVideoTrack(MediaStreamTrack):
         super().stop()
 
 
-class AudioOut:
+class AudioOut(FanOut[av.Packet]):
     """The session's voice leaving the timeline: one 40 ms packet at ``pts + delay``, encoded once.
 
     A task reads packet ``k`` off the timeline when it is due (``k * 40 ms + delay``;
@@ -277,6 +290,7 @@ class AudioOut:
 
     def __init__(self, timeline: AudioTimeline, clock: Clock, delay_s: float, *,
                  queue_packets: int = round(CATCH_UP_S / AUDIO_PTIME)) -> None:
+        super().__init__()
         self.timeline = timeline
         self.clock = clock
         self.delay_s = delay_s
@@ -286,21 +300,12 @@ class AudioOut:
         self.encoded = 0  # packets encoded: one per 40 ms with anyone listening
         self.delivered = 0  # packets handed to outputs (one per output per packet)
         self._opus = OpusEncoder(OUT_RATE, frame_ms=round(AUDIO_PTIME * 1000))
-        self._subs: list[Subscription[av.Packet]] = []
-        self._stopped = False
 
     def due_time(self, index: int) -> float:
         return index * AUDIO_PTIME + self.delay_s
 
     def subscribe(self) -> Subscription[av.Packet]:
-        sub: Subscription[av.Packet] = Subscription("opus", self.queue_packets)
-        self._subs.append(sub)
-        return sub
-
-    def unsubscribe(self, sub: Subscription[av.Packet]) -> None:
-        if sub in self._subs:
-            self._subs.remove(sub)
-        sub.put(None)
+        return self._add("opus", self.queue_packets)
 
     async def run(self) -> None:
         idx = 0
@@ -324,11 +329,6 @@ class AudioOut:
                 idx += 1
         finally:
             self.stop()
-
-    def stop(self) -> None:
-        self._stopped = True
-        for sub in list(self._subs):
-            self.unsubscribe(sub)
 
 
 class EncodedAudioTrack(MediaStreamTrack):

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import numpy as np
 from scipy.signal import resample_poly
 
 from engines.base import AUDIO_RATE
+
+# Debian's Chromium, driven by playwright (never a downloaded browser), on loopback, sound allowed
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required"]
+FAKE_MIC_ARGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+NO_CHROMIUM = "Debian's chromium is not installed (make test installs it as root)"
 
 
 @functools.cache
@@ -83,3 +93,14 @@ def astronaut() -> np.ndarray:
     from skimage import data
 
     return np.ascontiguousarray(data.astronaut())
+
+
+@contextlib.asynccontextmanager
+async def running(coro: Coroutine[Any, Any, Any]) -> AsyncIterator[asyncio.Future[Any]]:
+    """``coro`` as a task for the body of a ``with`` (e.g. a peer pulling frames), cancelled after it."""
+    task = asyncio.ensure_future(coro)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -3,7 +3,9 @@
 ``make test`` installs ``nginx`` and ``libnginx-mod-rtmp`` when they are
 missing and it can; where they are absent the tests that need them skip.
 Each publish is recorded to its own FLV file (``record_unique``), so a test
-reads back exactly what a platform received, one file per connection.
+reads back exactly what a platform received, one file per connection; nginx
+marks a recording it has closed with a ``.done`` file beside it (and a stopped
+server's recordings are marked when it has exited).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ rtmp {{
             record all;
             record_path {self.records};
             record_unique on;
+            exec_record_done /bin/touch $path.done;
         }}
     }}
 }}
@@ -89,7 +92,11 @@ rtmp {{
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            for path in self.records.glob("*.flv"):  # nginx is gone: what it wrote is final
+                path.with_suffix(".flv.done").touch()
         self.process = None
 
-    def recordings(self) -> list[Path]:
-        return sorted(self.records.glob("*.flv"), key=lambda p: p.stat().st_mtime)
+    def recordings(self, prefix: str = "") -> list[Path]:
+        """The finished recordings (nginx closed them: it marks each with ``.done``), oldest first."""
+        done = [p for p in self.records.glob(f"{prefix}*.flv") if p.with_suffix(".flv.done").exists()]
+        return sorted(done, key=lambda p: p.stat().st_mtime)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +9,12 @@ import pytest
 
 from server.peer import RATE
 from tests.conftest import RunningServer
-from tests.helpers import speech, wav_bytes
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, FAKE_MIC_ARGS, NO_CHROMIUM, speech, wav_bytes
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason="Debian's chromium is not installed (make test installs it as root)"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=NO_CHROMIUM),
 ]
 
 
@@ -27,11 +24,7 @@ async def test_host_console_in_chromium(server: RunningServer, tmp_path: Path) -
     mic = tmp_path / "mic.wav"  # a line of speech, then a long silence (Chromium loops it)
     mic.write_bytes(wav_bytes(np.concatenate([speech("Hi, I am testing the microphone.", rate=RATE),
                                               np.zeros(RATE * 10, np.float32)]), RATE))
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required",
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={mic}"]
+    args = [*CHROMIUM_ARGS, *FAKE_MIC_ARGS, f"--use-file-for-fake-audio-capture={mic}"]
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
         try:
@@ -97,10 +90,7 @@ async def test_host_console_picks_who_speaks_on_a_two_person_avatar(server: Runn
             headers={"Content-Type": "image/jpeg"}) as res:
         assert res.status == 201, await res.text()
         avatar = (await res.json())["id"]
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required",
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+    args = [*CHROMIUM_ARGS, *FAKE_MIC_ARGS]
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
         try:

@@ -34,7 +34,7 @@ from realtime.tracks import CATCH_UP_S, RawVideoTrack, VideoOut
 from server.messages import Ack, Error, OutMessage
 from server.render import OfflineSession
 from server.session import Session, SessionSettings
-from tests.helpers import astronaut, speech
+from tests.helpers import astronaut, running, speech
 
 SIZE = (256, 256)
 LINE = ("Hello everyone, and welcome back to the stream. Today we talk about rockets, "
@@ -124,12 +124,8 @@ async def simulated(portrait: tuple[PortraitEngine, Any, np.ndarray], director: 
     async with OfflineSession(engine, prepared, image, director or GatedDirector(), avatar_id="astronaut",
                               settings=settings) as offline:
         s = Sim(offline, keep_frames=keep_frames)
-        puller = asyncio.ensure_future(s.pull())
-        try:
+        async with running(s.pull()):
             yield s
-        finally:
-            puller.cancel()
-            await asyncio.gather(puller, return_exceptions=True)
 
 
 @pytest.fixture

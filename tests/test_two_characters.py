@@ -32,7 +32,7 @@ from realtime.vad import VoiceActivity
 from server.messages import Ack, Error, OutMessage
 from server.render import OfflineSession
 from server.session import Session, SessionSettings
-from tests.helpers import astronaut, speech
+from tests.helpers import astronaut, running, speech
 from tests.portraits import two_closed_mouths
 
 FPS = 25
@@ -85,12 +85,8 @@ async def sim(cast: tuple[PortraitEngine, Any, np.ndarray]) -> AsyncIterator[Sim
     async with OfflineSession(engine, prepared, image, EmbeddedDirector(transcribe=False), avatar_id="two",
                               settings=SessionSettings(scheduler=SchedulerConfig())) as off:
         s = Sim(off.session, off.clock, off.messages)
-        puller = asyncio.ensure_future(s.pull())
-        try:
+        async with running(s.pull()):
             yield s
-        finally:
-            puller.cancel()
-            await asyncio.gather(puller, return_exceptions=True)
 
 
 def openings(frames: list[tuple[float, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,6 @@ session's video and voice as they are encoded once for every output.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,14 +20,9 @@ from realtime.timeline import AudioTimeline
 from realtime.tracks import AUDIO_PTIME, AudioOut, EncodedAudioTrack
 from server.peer import AvatarPeer, WhepRefused, WhepViewer
 from tests.conftest import MAX_VIEWERS, RunningServer
-from tests.helpers import until
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, NO_CHROMIUM, until
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required"]
-needs_chromium = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (make test installs it as root)")
+needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=NO_CHROMIUM)
 
 
 # --- the voice, encoded once -------------------------------------------------------------------------
@@ -152,7 +146,8 @@ async def test_two_viewers_and_the_session_share_one_encode(server: RunningServe
             await v.wait_until(lambda v=v: len(v.got.video_times) > 25, 15, "a viewer's video")  # type: ignore[misc]
         before = await stats(host.session_url)
         received = [len(v.got.video_times) for v in [host, *viewers]]
-        await asyncio.sleep(3.0)
+        await host.wait_until(lambda: len(host.got.video_times) >= received[0] + 75, 10,
+                              "three seconds of video")
         after = await stats(host.session_url)
         received = [len(v.got.video_times) - r for v, r in zip([host, *viewers], received, strict=True)]
     finally:
